@@ -1,0 +1,35 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR):$(CURDIR)/conf
+
+.PHONY: run test venv broker rpm bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+broker:
+	scripts/ensure-broker
+
+run: venv broker
+	$(VENV)/bin/twistd --nodaemon --pidfile= amqp-consumer --config=conf/amqp-consumer.toml
+
+test: venv broker
+	$(PY) -m pytest
+	@if command -v rpmbuild >/dev/null 2>&1; then $(MAKE) --no-print-directory rpm; else echo "rpmbuild not installed: skipping make rpm"; fi
+
+rpm: venv
+	PYTHON=$(PY) packaging/rpm/build.sh
+
+bench: venv broker
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache

@@ -1,0 +1,512 @@
+"""Everything that touches pika lives here, behind a small pika-free surface.
+
+pika's Twisted adapter is deprecated for pika 2; keeping it in one module means
+the day it goes, one file changes. The rest of the daemon sees ``Connector``
+(a reconnecting service), ``Session`` (one AMQP connection) and ``Channel``.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import pika
+import pika.credentials
+from pika import exceptions as pika_exc
+from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from amqp_consumer.config import AMQPConfig, Config, redact_url
+from amqp_consumer.message import Message, utc_from_epoch
+
+log = Logger(namespace="amqp_consumer.connection")
+
+OnDelivery = Callable[["Channel", int, Message], None]
+
+
+# --- errors, pika-free ---------------------------------------------------------
+
+
+class AMQPError(Exception):
+    """A broker-side problem, worded for a log line."""
+
+
+class AccessRefused(AMQPError):
+    """Credentials, vhost or permissions refused: restarting will not help."""
+
+
+class ChannelClosed(AMQPError):
+    def __init__(self, code: int, text: str, by_broker: bool) -> None:
+        super().__init__(f"{code} {text}" if code else text)
+        self.code = code
+        self.text = text
+        self.by_broker = by_broker
+
+
+class PublishFailed(AMQPError):
+    """The broker did not confirm a publish (nacked, unroutable, or the channel died)."""
+
+
+def _translate(error: Any) -> Exception:
+    """Turn a pika or Twisted error into one of ours with a readable text."""
+    if isinstance(error, Failure):
+        error = error.value
+    if isinstance(error, (pika_exc.ProbableAuthenticationError, pika_exc.AuthenticationError)):
+        return AccessRefused(f"the broker refused our credentials ({_pika_text(error)})")
+    if isinstance(error, pika_exc.ProbableAccessDeniedError):
+        return AccessRefused(f"the broker denied access to the virtual host ({_pika_text(error)})")
+    if isinstance(error, pika_exc.ConnectionClosedByBroker):
+        if error.reply_code in (403, 530):
+            return AccessRefused(f"the broker refused access: {error.reply_code} {error.reply_text}")
+        return AMQPError(f"the broker closed the connection: {error.reply_code} {error.reply_text}")
+    if isinstance(error, pika_exc.ChannelClosed):
+        return ChannelClosed(
+            error.reply_code, error.reply_text, isinstance(error, pika_exc.ChannelClosedByBroker)
+        )
+    if isinstance(error, pika_exc.AMQPHeartbeatTimeout):
+        return AMQPError("no heartbeat from the broker; the connection is dead")
+    if isinstance(error, (pika_exc.UnroutableError, pika_exc.NackError)):
+        return PublishFailed(type(error).__name__)
+    if isinstance(error, AMQPError):
+        return error
+    return AMQPError(_tls_or_plain_text(error))
+
+
+def _pika_text(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
+def _tls_or_plain_text(error: Any) -> str:
+    name = type(error).__name__
+    text = str(error)
+    if name == "VerificationError":
+        return f"TLS: the broker's certificate does not match its host name ({text})"
+    if "certificate verify failed" in text:
+        return "TLS: the broker's certificate is not signed by a trusted CA (check amqp.tls.ca_cert)"
+    if name == "Error" and "SSL" in text:
+        return f"TLS handshake failed: {text}"
+    return f"{name}: {text}" if text else name
+
+
+# --- the connection -------------------------------------------------------------
+
+
+class _Protocol(TwistedProtocolConnection):
+    """Keep pika's real handshake error instead of its generic AMQPConnectionError."""
+
+    def _on_connection_failed(self, _connection: Any, error: Exception | None = None) -> None:
+        d, self.ready = self.ready, None
+        if d:
+            d.errback(error or pika_exc.AMQPConnectionError("handshake failed"))
+
+
+@dataclass(frozen=True)
+class _Target:
+    display: str
+    endpoint: IStreamClientEndpoint
+    params: pika.ConnectionParameters
+
+
+def _targets(reactor: Any, config: AMQPConfig) -> list[_Target]:
+    out = []
+    name = config.connection_name or f"amqp-consumer@{socket.gethostname()}"
+    for url in config.urls:
+        parts = urlsplit(url)
+        params = pika.URLParameters(url)
+        params.heartbeat = config.heartbeat
+        params.client_properties = {"connection_name": name, "product": "amqp-consumer"}
+        if config.auth_mechanism == "EXTERNAL":
+            params.credentials = pika.credentials.ExternalCredentials()
+        tls = parts.scheme == "amqps"
+        port = parts.port or (5671 if tls else 5672)
+        host = parts.hostname or "localhost"
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout)
+        if tls:
+            endpoint = wrapClientTLS(_tls_options(host, config), endpoint)
+        out.append(_Target(redact_url(url), endpoint, params))
+    return out
+
+
+def _tls_options(host: str, config: AMQPConfig) -> Any:
+    from twisted.internet import ssl
+
+    tls = config.tls
+    trust = ssl.platformTrust()
+    if tls.ca_cert:
+        with open(tls.ca_cert, "rb") as f:
+            trust = ssl.trustRootFromCertificates(
+                [ssl.Certificate.loadPEM(pem) for pem in _pem_blocks(f.read())]
+            )
+    client = None
+    if tls.cert:
+        with open(tls.cert, "rb") as c, open(tls.key, "rb") as k:
+            client = ssl.PrivateCertificate.loadPEM(c.read() + b"\n" + k.read())
+    return ssl.optionsForClientTLS(host, trustRoot=trust, clientCertificate=client)
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [chunk + end for chunk in data.split(end) if b"-----BEGIN CERTIFICATE-----" in chunk]
+
+
+@implementer(IStreamClientEndpoint)
+class _RoundRobin(Factory):
+    """An endpoint and factory in one: each attempt uses the current URL; a failure moves on."""
+
+    noisy = False  # no "Starting factory" line per reconnect
+
+    def __init__(self, targets: list[_Target], reactor: Any) -> None:
+        self._targets = targets
+        self._index = 0
+        self._reactor = reactor
+
+    @property
+    def current(self) -> _Target:
+        return self._targets[self._index]
+
+    def advance(self) -> None:
+        self._index = (self._index + 1) % len(self._targets)
+
+    def connect(self, protocolFactory: Any) -> Deferred:
+        target = self.current
+        d = target.endpoint.connect(protocolFactory)
+
+        def failed(f: Failure) -> Failure:
+            log.warn("cannot connect to {url}: {why}", url=target.display, why=_translate(f))
+            self.advance()
+            return f
+
+        return d.addErrback(failed)
+
+    def buildProtocol(self, addr: Any) -> _Protocol:
+        return _Protocol(self.current.params, custom_reactor=self._reactor)
+
+    def __repr__(self) -> str:
+        return self.current.display
+
+
+class Connector(Service):
+    """Keeps one AMQP connection up through ClientService, handing each new one over as a Session."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: AMQPConfig,
+        on_session: Callable[[Session], None],
+        on_failure: Callable[[str], None],
+        on_fatal: Callable[[Exception], None],
+    ) -> None:
+        self._reactor = reactor
+        self._config = config
+        self._on_session = on_session
+        self._on_failure = on_failure
+        self._on_fatal = on_fatal
+        self._rr = _RoundRobin(_targets(reactor, config), reactor)
+        self._service = ClientService(
+            self._rr,
+            self._rr,
+            retryPolicy=backoffPolicy(config.reconnect_min_delay, config.reconnect_max_delay),
+            clock=reactor,
+            prepareConnection=self._handshake,
+        )
+        self.session: Session | None = None
+
+    @property
+    def target(self) -> str:
+        return self._rr.current.display
+
+    def startService(self) -> None:
+        super().startService()
+        log.info("connecting to {url}", url=self.target)
+        self._service.startService()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the AMQP connection politely, then stop reconnecting."""
+        stopping = self._service.stopService()
+        session = self.session
+        if session is not None:
+            await session.close(timeout)
+        await stopping
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self.close())
+
+    def _handshake(self, proto: _Protocol) -> Deferred:
+        ready = proto.ready
+        assert ready is not None
+        timer = self._reactor.callLater(self._config.connect_timeout, proto.transport.abortConnection)
+
+        def opened(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            log.info("connected to {url}", url=self.target)
+            session = Session(proto, self._reactor)
+            self.session = session
+            session.closed.addCallback(self._lost, session)
+            self._on_session(session)
+
+        def failed(f: Failure) -> Failure:
+            if timer.active():
+                timer.cancel()
+            error = _translate(f)
+            if isinstance(error, AccessRefused):
+                log.error("{url}: {why}", url=self.target, why=error)
+                self._on_fatal(error)
+            else:
+                log.warn("AMQP handshake with {url} failed: {why}", url=self.target, why=error)
+                self._on_failure(str(error))
+            self._rr.advance()
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+            return f
+
+        return ready.addCallbacks(opened, failed)
+
+    def _lost(self, reason: Exception, session: Session) -> None:
+        if self.session is session:
+            self.session = None
+        error = _translate(reason) if reason is not None else None
+        if self.running and not session.closing:
+            if isinstance(error, AccessRefused):
+                self._on_fatal(error)
+            else:
+                log.warn("connection to {url} lost: {why}", url=self.target, why=error or "closed")
+            self._on_failure(f"connection lost: {error or 'closed'}")
+
+
+class Session:
+    """One open AMQP connection."""
+
+    def __init__(self, proto: _Protocol, reactor: Any) -> None:
+        self._proto = proto
+        self._reactor = reactor
+        self.closing = False
+        self.closed: Deferred = proto.closed if proto.closed is not None else defer.succeed(None)
+        self.blocked: Callable[[bool, str], None] = lambda blocked, why: None
+        impl = proto._impl
+        impl.add_on_connection_blocked_callback(
+            lambda _c, frame: self.blocked(True, getattr(frame.method, "reason", "") or "")
+        )
+        impl.add_on_connection_unblocked_callback(lambda _c, _frame: self.blocked(False, ""))
+
+    async def channel(self) -> Channel:
+        try:
+            tc = await self._proto.channel()
+        except Exception as e:
+            raise _translate(e) from None
+        return Channel(tc)
+
+    async def close(self, timeout: float) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self._proto.is_closed:
+            return
+        done = Deferred()
+        self.closed.addBoth(lambda r: done.callback(None) if not done.called else None)
+        timer = self._reactor.callLater(timeout, lambda: done.callback(None) if not done.called else None)
+        try:
+            self._proto.close()
+        except pika_exc.ConnectionWrongStateError:
+            pass
+        await done
+        if timer.active():
+            timer.cancel()
+        if self._proto.transport is not None and self._proto.transport.connected:
+            self._proto.transport.loseConnection()
+
+
+class Channel:
+    """One AMQP channel. Acks go straight to pika's channel: no Deferred per message."""
+
+    def __init__(self, tc: TwistedChannel) -> None:
+        self._tc = tc
+        self._ch = tc._channel
+        self.number: int = tc.channel_number
+        self._cancel_handlers: dict[str, Callable[[], None]] = {}
+        self._ch.add_on_cancel_callback(self._on_cancel)
+        self.close_reason: ChannelClosed | None = None
+        self._close_listeners: list[Callable[[ChannelClosed], None]] = []
+        tc.on_closed.addBoth(self._on_closed)
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.number}>"
+
+    @property
+    def is_open(self) -> bool:
+        return self._ch.is_open
+
+    def on_close(self, listener: Callable[[ChannelClosed], None]) -> None:
+        """Call listener once with the reason when the channel closes (at once if it has)."""
+        if self.close_reason is not None:
+            listener(self.close_reason)
+        else:
+            self._close_listeners.append(listener)
+
+    def _on_closed(self, reason: Any) -> None:
+        error = _translate(reason) if reason is not None else None
+        if not isinstance(error, ChannelClosed):
+            error = ChannelClosed(0, str(error or "closed"), False)
+        self.close_reason = error
+        listeners, self._close_listeners = self._close_listeners, []
+        for listener in listeners:
+            listener(error)
+
+    def _on_cancel(self, frame: Any) -> None:
+        handler = self._cancel_handlers.pop(frame.method.consumer_tag, None)
+        if handler is not None:
+            handler()
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._tc, method)(*args, **kwargs)
+        except Exception as e:
+            raise _translate(e) from None
+
+    async def declare(self, config: Config) -> dict[str, str]:
+        """Declare exchanges, queues, bindings and quarantine queues; map configured queue names to real ones."""
+        for x in config.exchanges:
+            await self._call(
+                "exchange_declare",
+                exchange=x.name,
+                exchange_type=x.type,
+                durable=x.durable,
+                auto_delete=x.auto_delete,
+                arguments=dict(x.arguments),
+            )
+        names: dict[str, str] = {}
+        for q in config.queues:
+            frame = await self._call(
+                "queue_declare",
+                queue=q.name,
+                durable=q.durable,
+                auto_delete=q.auto_delete,
+                exclusive=q.exclusive,
+                arguments=dict(q.arguments),
+            )
+            names[q.name] = frame.method.queue
+        for b in config.bindings:
+            for key in b.routing_keys:
+                await self._call(
+                    "queue_bind", queue=names[b.queue], exchange=b.exchange, routing_key=key, arguments=dict(b.arguments)
+                )
+        for q in config.consumed_queues:
+            real = names.get(q, q)
+            names.setdefault(q, real)
+            await self._call("queue_declare", queue=quarantine_queue(real), durable=True)
+        return names
+
+    async def qos(self, prefetch: int) -> None:
+        await self._call("basic_qos", prefetch_count=prefetch)
+
+    async def consume(self, queue: str, on_delivery: OnDelivery, on_cancel: Callable[[], None]) -> str:
+        """Start a consumer; deliveries go to on_delivery on the reactor thread."""
+        ch = self._ch
+        done: Deferred = Deferred()
+        channel = self
+        make_props = utc_from_epoch
+
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            msg = Message(
+                body=body,
+                exchange=method.exchange,
+                routing_key=method.routing_key,
+                queue=queue,
+                headers=props.headers,
+                id=props.message_id,
+                correlation_id=props.correlation_id,
+                reply_to=props.reply_to,
+                content_type=props.content_type,
+                priority=props.priority,
+                timestamp=make_props(props.timestamp) if props.timestamp is not None else None,
+                redelivered=method.redelivered,
+                delivery_tag=method.delivery_tag,
+            )
+            on_delivery(channel, method.delivery_tag, msg)
+
+        def ok(frame: Any) -> None:
+            tag = frame.method.consumer_tag
+            # Keep TwistedChannel's bookkeeping consistent so a broker cancel is not logged as unknown.
+            self._tc._consumers[tag] = ClosableDeferredQueue()
+            self._cancel_handlers[tag] = on_cancel
+            done.callback(tag)
+
+        self.on_close(lambda error: done.errback(error) if not done.called else None)
+        try:
+            ch.basic_consume(queue=queue, on_message_callback=on_message, auto_ack=False, callback=ok)
+        except Exception as e:
+            raise _translate(e) from None
+        return await done
+
+    async def cancel(self, consumer_tag: str) -> None:
+        self._cancel_handlers.pop(consumer_tag, None)
+        if self.is_open:
+            await self._call("basic_cancel", consumer_tag)
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        self._ch.basic_ack(tag, multiple)
+
+    def nack(self, tag: int, requeue: bool = True) -> None:
+        self._ch.basic_nack(tag, False, requeue)
+
+    def reject(self, tag: int, requeue: bool = False) -> None:
+        self._ch.basic_reject(tag, requeue)
+
+    async def enable_confirms(self) -> None:
+        await self._call("confirm_delivery")
+
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: Mapping[str, Any], mandatory: bool = True
+    ) -> None:
+        """Publish and wait for the broker's confirm (the channel must have confirms on)."""
+        props = pika.BasicProperties(**properties)
+        try:
+            await self._tc.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
+        except Exception as e:
+            error = _translate(e)
+            raise error if isinstance(error, PublishFailed) else PublishFailed(str(error)) from None
+
+    async def close(self) -> None:
+        if self.is_open:
+            try:
+                self._tc.close()
+            except pika_exc.ChannelWrongStateError:
+                return
+        if self.close_reason is None:
+            closed: Deferred = Deferred()
+            self.on_close(closed.callback)
+            await closed
+
+
+def quarantine_queue(queue: str) -> str:
+    return f"{queue}.quarantine"
+
+
+def message_properties(message: Message) -> dict[str, Any]:
+    """The original's properties, for republishing it (quarantine)."""
+    props: dict[str, Any] = {"delivery_mode": 2, "headers": dict(message.headers)}
+    for ours, theirs in (
+        ("content_type", "content_type"),
+        ("id", "message_id"),
+        ("correlation_id", "correlation_id"),
+        ("reply_to", "reply_to"),
+        ("priority", "priority"),
+    ):
+        value = getattr(message, ours)
+        if value is not None:
+            props[theirs] = value
+    if message.timestamp is not None:
+        props["timestamp"] = int(message.timestamp.timestamp())
+    return props

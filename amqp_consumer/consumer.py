@@ -1,0 +1,552 @@
+"""Deliveries in, outcomes out: the consumer's state machine, in-flight registry and ack batching.
+
+Every ack, nack and reject is sent from here, on the reactor thread, on the
+channel the delivery came from. A delivery whose channel has closed is never
+acked: the broker has already put it back in its queue.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timezone
+from time import monotonic, time
+from typing import Any, Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from amqp_consumer.config import Config
+from amqp_consumer.connection import (
+    AccessRefused,
+    AMQPError,
+    Channel,
+    ChannelClosed,
+    Connector,
+    Session,
+    message_properties,
+    quarantine_queue,
+)
+from amqp_consumer.dispatch import NOT_RUN, Dispatcher
+from amqp_consumer.message import Message
+from amqp_consumer.metrics import Metrics
+from amqp_consumer.publisher import Publisher
+from amqp_consumer.state import State
+
+log = Logger(namespace="amqp_consumer.consumer")
+
+QUARANTINE_RETRY_DELAY = 5.0
+
+
+def queue_label(configured: str) -> str:
+    return configured or "(server-named)"
+
+
+class Delivery:
+    __slots__ = ("channel", "tag", "message", "label", "received", "started", "finished")
+
+    def __init__(self, channel: Channel, tag: int, message: Message, label: str) -> None:
+        self.channel = channel
+        self.tag = tag
+        self.message = message
+        self.label = label
+        self.received = monotonic()
+        self.started: float | None = None
+        self.finished: float | None = None
+
+
+class InFlight:
+    """Deliveries received and not yet settled, per channel, in delivery-tag order."""
+
+    def __init__(self) -> None:
+        self._by_channel: dict[Channel, dict[int, Delivery]] = {}
+
+    def add(self, d: Delivery) -> None:
+        by_tag = self._by_channel.get(d.channel)
+        if by_tag is None:
+            by_tag = self._by_channel[d.channel] = {}
+        by_tag[d.tag] = d
+
+    def remove(self, d: Delivery) -> bool:
+        by_tag = self._by_channel.get(d.channel)
+        if by_tag is None or by_tag.pop(d.tag, None) is None:
+            return False
+        if not by_tag and not d.channel.is_open:
+            del self._by_channel[d.channel]
+        return True
+
+    def lowest_tag(self, channel: Channel) -> int | None:
+        by_tag = self._by_channel.get(channel)
+        return next(iter(by_tag), None) if by_tag else None
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._by_channel.values())
+
+    def on_channel(self, channel: Channel) -> int:
+        return len(self._by_channel.get(channel, ()))
+
+    def oldest_age(self) -> float:
+        firsts = [next(iter(v.values())).received for v in self._by_channel.values() if v]
+        return monotonic() - min(firsts) if firsts else 0.0
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = monotonic()
+        out = []
+        for by_tag in self._by_channel.values():
+            for d in by_tag.values():
+                out.append(
+                    {
+                        "queue": d.label,
+                        "message_id": d.message.id,
+                        "routing_key": d.message.routing_key,
+                        "delivery_tag": d.tag,
+                        "age_seconds": round(now - d.received, 3),
+                        "running_seconds": None if d.started is None or d.finished is not None else round(now - d.started, 3),
+                        "channel_open": d.channel.is_open,
+                    }
+                )
+        return sorted(out, key=lambda r: -r["age_seconds"])
+
+
+class Consumer(Service):
+    """Connects, declares, consumes and settles every delivery; drains on stop."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        callback: Callable[[Message], Any],
+        state: State,
+        metrics: Metrics,
+        on_halt: Callable[[int], None],
+        on_fatal: Callable[[int, str], None],
+    ) -> None:
+        from amqp_consumer import exitcodes
+
+        self._reactor = reactor
+        self.config = config
+        self.state = state
+        self.metrics = metrics
+        self._on_halt = on_halt
+        self._on_fatal = lambda error: on_fatal(exitcodes.NOPERM, str(error))
+        self.inflight = InFlight()
+        self.dispatcher = Dispatcher(reactor, callback, config.consumer.workers, self._results)
+        self.publisher = Publisher()
+        self.connector = Connector(reactor, config.amqp, self._session_up, self._connection_failed, self._on_fatal)
+        self._session: Session | None = None
+        self._channel: Channel | None = None
+        self._names: dict[str, str] = {}
+        self._tags: dict[str, str] = {}
+        self._acks: dict[Channel, list[int]] = {}
+        self._ack_scheduled = False
+        self._retry_attempt = 0
+        self._retry_call: Any = None
+        self._drained: Deferred | None = None
+        self._skip_wait: Deferred | None = None
+        self.halt_code: int | None = None
+        state.broker = self.connector.target
+        metrics.watch(self._live_metrics)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self.dispatcher.start()
+        self.metrics.set_connection_state("connecting")
+        self.connector.startService()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._shutdown())
+
+    def skip_drain(self) -> None:
+        """Second signal: stop waiting for in-flight callbacks."""
+        if self._skip_wait is not None and not self._skip_wait.called:
+            log.warn("second stop request: not waiting for {n} in-flight deliveries", n=len(self.inflight))
+            self._skip_wait.callback(None)
+
+    async def _shutdown(self) -> None:
+        self.state.set_flag("draining", True)
+        self._skip_wait = Deferred()
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        ch = self._channel
+        if ch is not None and ch.is_open:
+            for queue, tag in list(self._tags.items()):
+                try:
+                    await _within(self._reactor, ch.cancel(tag), 5.0)
+                except Exception as e:
+                    log.warn("cancelling the consumer on {queue} failed: {why}", queue=queue, why=e)
+        self._tags.clear()
+        for d in self.dispatcher.take_pending():
+            self._settle(d, NOT_RUN)
+        timed_out = False
+        if len(self.inflight):
+            timeout = self.config.consumer.drain_timeout
+            log.info("draining: waiting up to {t:g} s for {n} in-flight deliveries", t=timeout, n=len(self.inflight))
+            self._drained = Deferred()
+            await _first(self._reactor, [self._drained, self._skip_wait], timeout)
+            if len(self.inflight):
+                timed_out = True
+                log.warn(
+                    "drain ended with {n} deliveries unfinished; the broker requeues them", n=len(self.inflight)
+                )
+        self._flush_acks()
+        await self.connector.close()
+        self.state.set_connection("closed", "stopped")
+        self.metrics.set_connection_state("closed")
+        self.dispatcher.stop(join=not timed_out)
+
+    def halt(self, code: int) -> None:
+        if self.halt_code is None:
+            self.halt_code = code
+            self.state.set_flag("halted", True)
+            self._on_halt(code)
+
+    # --- connection and channel ---------------------------------------------------
+
+    def _connection_failed(self, why: str) -> None:
+        was = self.state.connection
+        self._session = None
+        self._channel = None
+        self._tags.clear()
+        self.publisher.attach(None)
+        self._acks.clear()
+        dropped = self.dispatcher.discard(lambda d: d.channel.is_open)
+        for d in dropped:
+            self.inflight.remove(d)
+        if self.running:
+            new = "reconnecting" if was != "connecting" else "connecting"
+            self.state.set_connection(new, why)
+            self.metrics.set_connection_state(new)
+
+    def _session_up(self, session: Session) -> None:
+        self._session = session
+        self.publisher.attach(session)
+        session.blocked = self._blocked
+        self.state.set_connection("connected", "", broker=self.connector.target)
+        self.metrics.set_connection_state("connected")
+        self._retry_attempt = 0
+        defer.ensureDeferred(self._open(session))
+
+    def _blocked(self, blocked: bool, reason: str) -> None:
+        if blocked:
+            log.warn("the broker blocks this connection: {reason}", reason=reason or "resource alarm")
+        else:
+            log.info("the broker unblocked this connection")
+        self.state.set_blocked(blocked, reason)
+
+    async def _open(self, session: Session) -> None:
+        """Open a channel, declare the topology, set QoS and consume; on failure retry with backoff."""
+        if session is not self._session or not self.running:
+            return
+        try:
+            ch = await session.channel()
+            ch.on_close(lambda error: self._channel_closed(ch, session, error))
+            self._channel = ch
+            names = await ch.declare(self.config)
+            await ch.qos(self.config.consumer.prefetch)
+        except ChannelClosed as e:
+            self._topology_failed(e)
+            return  # the close listener schedules the retry
+        except AMQPError as e:
+            log.warn("opening a channel failed: {why}", why=e)
+            return
+        if session is not self._session or not self.running or ch is not self._channel:
+            return
+        self._names = names
+        if not self.state.paused:
+            await self._consume_all(ch)
+
+    def _topology_failed(self, e: ChannelClosed) -> None:
+        if e.code == 403:
+            self._on_fatal(AccessRefused(f"the broker refused a declaration: {e}"))
+            return
+        hint = {
+            406: "an exchange or queue exists with other settings; make [[exchanges]]/[[queues]] match or delete it",
+            404: "a queue or exchange named in the config does not exist; declare it",
+        }.get(e.code, "check the topology in the config")
+        log.error("declaring the topology failed: {why} ({hint})", why=e, hint=hint)
+
+    async def _consume_all(self, ch: Channel) -> None:
+        for q in self.state.consuming:
+            await self._consume(ch, q)
+
+    async def _consume(self, ch: Channel, q: str) -> None:
+        real = self._names.get(q, q)
+        label = queue_label(q)
+        on_delivery = self._make_on_delivery(label)
+        try:
+            tag = await ch.consume(real, on_delivery, on_cancel=lambda: self._cancelled(ch, q))
+        except ChannelClosed as e:
+            if e.code == 403:
+                self._on_fatal(AccessRefused(f"the broker refused to let us consume {real!r}: {e}"))
+            elif e.code == 404:
+                log.error("cannot consume {queue!r}: it does not exist; declare it in [[queues]]", queue=real)
+            else:
+                log.error("cannot consume {queue!r}: {why}", queue=real, why=e)
+            return
+        if ch is not self._channel:
+            return
+        self._tags[q] = tag
+        self.state.set_consuming(q, True)
+        log.info("consuming from {queue!r} (prefetch {prefetch})", queue=real, prefetch=self.config.consumer.prefetch)
+
+    def _channel_closed(self, ch: Channel, session: Session, error: ChannelClosed) -> None:
+        for d in self.dispatcher.discard(lambda d: d.channel is not ch):
+            self.inflight.remove(d)
+        self._acks.pop(ch, None)
+        if ch is not self._channel:
+            return
+        self._channel = None
+        self._tags.clear()
+        if not error.by_broker or not self.running or session is not self._session or session.closing:
+            return  # our own close, or the whole connection went: the connection handler takes over
+        for q in self.state.consuming:
+            self.state.set_consuming(q, False, f"channel closed: {error}")
+        unsettled = self.inflight.on_channel(ch)
+        delay = self._next_retry_delay()
+        log.warn(
+            "the broker closed our channel: {why}; {n} unsettled deliveries go back to the queue; "
+            "opening a new channel in {delay:.1f} s",
+            why=error,
+            n=unsettled,
+            delay=delay,
+        )
+        if error.code == 403:
+            self._on_fatal(AccessRefused(f"the broker refused access: {error}"))
+            return
+        self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(self._open(session)))
+
+    def _cancelled(self, ch: Channel, q: str) -> None:
+        self._tags.pop(q, None)
+        if not self.running or ch is not self._channel:
+            return
+        real = self._names.get(q, q)
+        self.state.set_consuming(q, False, "consumer cancelled by the broker")
+        delay = self._next_retry_delay()
+        log.warn(
+            "the broker cancelled our consumer on {queue!r} (queue deleted or its node failed); "
+            "declaring and consuming again in {delay:.1f} s",
+            queue=real,
+            delay=delay,
+        )
+
+        async def again() -> None:
+            if ch is not self._channel or not ch.is_open or not self.running or self.state.paused:
+                return
+            try:
+                self._names = await ch.declare(self.config)
+            except ChannelClosed as e:
+                self._topology_failed(e)
+                return
+            await self._consume(ch, q)
+
+        self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(again()))
+
+    def _next_retry_delay(self) -> float:
+        a = self.config.amqp
+        delay = min(a.reconnect_max_delay, a.reconnect_min_delay * (2 ** min(self._retry_attempt, 20)))
+        self._retry_attempt += 1
+        return delay * (0.8 + 0.4 * random.random())
+
+    # --- pause / resume (manhole) ----------------------------------------------------
+
+    async def pause(self) -> None:
+        self.state.set_flag("paused", True)
+        ch = self._channel
+        for q, tag in list(self._tags.items()):
+            if ch is not None:
+                await ch.cancel(tag)
+            self._tags.pop(q, None)
+            self.state.set_consuming(q, False, "paused")
+
+    async def resume(self) -> None:
+        self.state.set_flag("paused", False)
+        ch = self._channel
+        if ch is not None and ch.is_open:
+            await self._consume_all(ch)
+
+    # --- the hot path -------------------------------------------------------------------
+
+    def _make_on_delivery(self, label: str) -> Callable[[Channel, int, Message], None]:
+        received = self.metrics.counters["received"][label]
+        add = self.inflight.add
+        submit = self.dispatcher.submit
+        state = self.state
+
+        def on_delivery(channel: Channel, tag: int, message: Message) -> None:
+            d = Delivery(channel, tag, message, label)
+            add(d)
+            received.inc()
+            state.last_delivery = time()
+            submit(d)
+
+        return on_delivery
+
+    def _results(self, batch: Sequence[Delivery], results: Sequence[tuple]) -> None:
+        observe = self.metrics.duration.observe
+        for d, result in zip(batch, results):
+            if d.finished is not None and d.started is not None:
+                observe(d.finished - d.started)
+            self._settle(d, result)
+
+    def _settle(self, d: Delivery, result: tuple) -> None:
+        kind = result[0]
+        if kind == "ack":
+            self._ack(d)
+        elif kind == "requeue":
+            self._send(d, "requeued", lambda: d.channel.nack(d.tag, requeue=True))
+        elif kind == "reject":
+            self._send(d, "rejected", lambda: d.channel.reject(d.tag, requeue=False))
+        elif kind == "not-run":
+            self._send(d, None, lambda: d.channel.nack(d.tag, requeue=True))
+        elif kind == "halt":
+            exc = result[1]
+            if exc.requeue:
+                self._send(d, "requeued", lambda: d.channel.nack(d.tag, requeue=True))
+            else:
+                self._ack(d)
+            log.warn(
+                "the callback asked to halt (exit code {code}) on message {message_id}",
+                code=exc.exit_code,
+                message_id=d.message.id,
+            )
+            self.halt(exc.exit_code)
+        elif kind == "quarantine":
+            self._quarantine(d, result[1], result[2])
+
+    def _done(self, d: Delivery) -> None:
+        self.inflight.remove(d)
+        if self._drained is not None and not self._drained.called and not len(self.inflight):
+            self._drained.callback(None)
+
+    def _send(self, d: Delivery, outcome: str | None, send: Callable[[], None]) -> None:
+        if d.channel.is_open:
+            send()
+            if outcome:
+                self.metrics.counters[outcome][d.label].inc()
+        else:
+            log.debug("delivery {tag} came from a closed channel; the broker has requeued it", tag=d.tag)
+        self._done(d)
+
+    def _ack(self, d: Delivery) -> None:
+        """Acks are gathered for one reactor turn, then sent with multiple=True where the tags allow."""
+        if d.channel.is_open:
+            tags = self._acks.get(d.channel)
+            if tags is None:
+                tags = self._acks[d.channel] = []
+            tags.append(d.tag)
+            self.metrics.counters["acked"][d.label].inc()
+            if not self._ack_scheduled:
+                self._ack_scheduled = True
+                self._reactor.callLater(0, self._flush_acks)
+        self._done(d)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        acks, self._acks = self._acks, {}
+        for ch, tags in acks.items():
+            if not ch.is_open:
+                continue
+            low = self.inflight.lowest_tag(ch)
+            if low is None:
+                ch.ack(max(tags), multiple=True)
+                continue
+            below = [t for t in tags if t < low]
+            if below:
+                ch.ack(max(below), multiple=True)
+            for t in tags:
+                if t > low:
+                    ch.ack(t)
+
+    # --- quarantine ----------------------------------------------------------------------
+
+    def _quarantine(self, d: Delivery, error: BaseException, detail: str) -> None:
+        msg = d.message
+        queue = msg.queue
+        log.error(
+            "message {message_id} from {queue!r} goes to quarantine: {detail}",
+            message_id=msg.id or f"tag:{d.tag}",
+            queue=queue,
+            detail=detail,
+        )
+        props = message_properties(msg)
+        props["headers"].update(
+            {
+                "amqp-consumer-exception": type(error).__name__,
+                "amqp-consumer-error": str(error)[:2000],
+                "amqp-consumer-quarantined-at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "amqp-consumer-queue": queue,
+                "amqp-consumer-exchange": msg.exchange,
+                "amqp-consumer-routing-key": msg.routing_key,
+            }
+        )
+        published = defer.ensureDeferred(
+            self.publisher.publish("", quarantine_queue(queue), msg.raw_body, props, mandatory=True)
+        )
+
+        def ok(_: Any) -> None:
+            self.metrics.counters["quarantined"][d.label].inc()
+            self._ack(d)
+
+        def failed(f: Any) -> None:
+            log.error(
+                "could not quarantine message {message_id}: {why}; it goes back to its queue in {delay:g} s",
+                message_id=msg.id or f"tag:{d.tag}",
+                why=f.value,
+                delay=QUARANTINE_RETRY_DELAY,
+            )
+            if self.running:
+                self._reactor.callLater(
+                    QUARANTINE_RETRY_DELAY, self._send, d, "requeued", lambda: d.channel.nack(d.tag, requeue=True)
+                )
+            else:
+                self._done(d)  # leave it unacked: closing the channel requeues it
+
+        published.addCallbacks(ok, failed)
+
+    # --- live figures -------------------------------------------------------------------
+
+    def _live_metrics(self) -> dict[str, float]:
+        s = self.state
+        return {
+            "amqp_consumer_inflight": len(self.inflight),
+            "amqp_consumer_oldest_inflight_seconds": self.inflight.oldest_age(),
+            "amqp_consumer_connected": 1.0 if s.connection == "connected" else 0.0,
+            "amqp_consumer_ready": 1.0 if s.readiness()[0] else 0.0,
+            "amqp_consumer_blocked": 1.0 if s.blocked else 0.0,
+            "amqp_consumer_reconnects_total": s.reconnects,
+            "amqp_consumer_last_delivery_timestamp_seconds": s.last_delivery or 0.0,
+            "amqp_consumer_workers_busy": self.dispatcher.busy,
+            "amqp_consumer_workers_total": 0 if self.dispatcher.is_async else self.dispatcher.workers,
+        }
+
+
+def _first(reactor: Any, ds: list[Deferred], timeout: float) -> Deferred:
+    """Fires with the first result among ds, or None after timeout; nothing is cancelled
+    (pika's Deferreds must not be)."""
+    out: Deferred = Deferred()
+
+    def settle(result: Any) -> None:
+        if not out.called:
+            out.callback(result) if not isinstance(result, Failure) else out.errback(result)
+        return None
+
+    for d in ds:
+        d.addBoth(settle)
+    call = reactor.callLater(timeout, settle, None)
+
+    def done(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+        return result
+
+    return out.addBoth(done)
+
+
+def _within(reactor: Any, coro: Any, timeout: float) -> Deferred:
+    """Wait for coro at most timeout seconds."""
+    return _first(reactor, [defer.ensureDeferred(coro)], timeout)

@@ -1,0 +1,283 @@
+"""Load the operator's callback and run it: sync ones on a bounded thread pool, async ones on the reactor.
+
+Sync callbacks are handed over in batches (one thread hop for every ready
+delivery, not one per message); with one worker that also keeps delivery order.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import threading
+import traceback
+from time import monotonic
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from amqp_consumer.config import ConfigError
+from amqp_consumer.message import BodyDecodeError, Message
+from amqp_consumer.outcomes import Drop, HaltConsumer, Nack
+
+log = Logger(namespace="amqp_consumer.dispatch")
+
+
+class CallbackInitError(Exception):
+    """The callback class could not be instantiated: the consumer cannot start."""
+
+
+# --- outcomes -------------------------------------------------------------------
+# Plain tuples: cheap to make in the hot path; the first item says what to do.
+
+ACK = ("ack",)
+REQUEUE = ("requeue",)
+REJECT = ("reject",)
+NOT_RUN = ("not-run",)
+
+
+def quarantine(error: BaseException, detail: str) -> tuple[str, BaseException, str]:
+    return ("quarantine", error, detail)
+
+
+def halt(exc: HaltConsumer) -> tuple[str, HaltConsumer]:
+    return ("halt", exc)
+
+
+def classify(error: BaseException, tb: str | None = None) -> tuple:
+    """Map what a callback raised to what happens to its message."""
+    if isinstance(error, Nack):
+        return REQUEUE
+    if isinstance(error, Drop):
+        return REJECT
+    if isinstance(error, HaltConsumer):
+        return halt(error)
+    if isinstance(error, BodyDecodeError):
+        return quarantine(error, str(error))
+    return quarantine(error, tb or "".join(traceback.format_exception(error)).rstrip())
+
+
+# --- loading --------------------------------------------------------------------
+
+
+def load_callback(ref: str) -> Any:
+    """Import 'module:object'; every failure is a one-line ConfigError."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ConfigError(
+                "consumer.callback", f"cannot import module {module_name!r}: not found (is it on PYTHONPATH?)"
+            ) from None
+        raise ConfigError("consumer.callback", f"importing {module_name!r} failed: {e}") from None
+    except Exception as e:
+        raise ConfigError("consumer.callback", f"importing {module_name!r} raised {type(e).__name__}: {e}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError("consumer.callback", f"module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(obj):
+        raise ConfigError("consumer.callback", f"{ref!r} is not callable (expected a function or a class)")
+    return obj
+
+
+def instantiate(obj: Any, config: Mapping[str, Any]) -> Callable[[Message], Any]:
+    """A class is built once, as Class(config) (or Class() when it takes no argument)."""
+    if not inspect.isclass(obj):
+        return obj
+    try:
+        params = [
+            p for p in inspect.signature(obj).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    try:
+        return obj(MappingProxyType(dict(config))) if params else obj()
+    except Exception as e:
+        raise CallbackInitError(f"{obj.__module__}.{obj.__qualname__}() raised {type(e).__name__}: {e}") from e
+
+
+def is_async(fn: Any) -> bool:
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+# --- running ----------------------------------------------------------------------
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    # A callback stuck past drain_timeout must not keep the process alive.
+    t = threading.Thread(*args, **kwargs)
+    t.daemon = True
+    return t
+
+
+class WorkerPool(ThreadPool):
+    threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
+
+
+class Dispatcher:
+    """Runs deliveries through the callback and reports (delivery, outcome) pairs on the reactor thread.
+
+    ``deliveries`` are objects with ``message`` and ``started``/``finished``
+    attributes (see consumer.Delivery); the dispatcher only fills in times.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        callback: Callable[[Message], Any],
+        workers: int,
+        on_results: Callable[[Sequence[Any], Sequence[tuple]], None],
+    ) -> None:
+        self._reactor = reactor
+        self._fn = callback
+        self.workers = workers
+        self._on_results = on_results
+        self.is_async = is_async(callback)
+        self._pending: list[Any] = []
+        self._busy = 0  # batches (sync) or coroutines (async) running
+        self._pump_scheduled = False
+        self.accepting = True
+        self._pool: WorkerPool | None = None
+        self._asyncio_loop = None
+        if not self.is_async:
+            self._pool = WorkerPool(minthreads=workers, maxthreads=workers, name="amqp-consumer-worker")
+        elif type(reactor).__name__ == "AsyncioSelectorReactor":
+            self._asyncio_loop = reactor._asyncioEventloop
+
+    # lifecycle
+
+    def start(self) -> None:
+        if self._pool is not None:
+            self._pool.start()
+
+    def stop(self, join: bool) -> None:
+        """Stop the pool; with join=False stuck threads are left to die with the process."""
+        if self._pool is not None and self._pool.started and join:
+            self._pool.stop()
+
+    @property
+    def busy(self) -> int:
+        """Worker threads (sync) or callbacks (async) running now."""
+        return self._busy
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, delivery: Any) -> None:
+        self._pending.append(delivery)
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._reactor.callLater(0, self._pump)
+
+    def discard(self, keep: Callable[[Any], bool]) -> list[Any]:
+        """Remove and return pending deliveries for which keep() is false."""
+        gone = [d for d in self._pending if not keep(d)]
+        if gone:
+            self._pending = [d for d in self._pending if keep(d)]
+        return gone
+
+    def take_pending(self) -> list[Any]:
+        """Stop accepting work and hand back what never started."""
+        self.accepting = False
+        pending, self._pending = self._pending, []
+        return pending
+
+    # sync path
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        if not self._pending or not self.accepting:
+            return
+        if self.is_async:
+            pending, self._pending = self._pending, []
+            for delivery in pending:
+                self._run_async(delivery)
+            return
+        free = self.workers - self._busy
+        while free > 0 and self._pending:
+            if self.workers == 1:
+                batch, self._pending = self._pending, []
+            else:
+                size = max(1, min(16, -(-len(self._pending) // (free * 2))))
+                batch, self._pending = self._pending[:size], self._pending[size:]
+            self._busy += 1
+            free -= 1
+            d = deferToThreadPool(self._reactor, self._pool, self._run_batch, batch)
+            d.addCallback(self._batch_done, batch)
+            d.addErrback(lambda f: log.failure("worker batch failed", f))
+
+    def _run_batch(self, batch: list[Any]) -> list[tuple]:
+        fn = self._fn
+        out: list[tuple] = []
+        append = out.append
+        for delivery in batch:
+            if not self.accepting:
+                append(NOT_RUN)
+                continue
+            delivery.started = monotonic()
+            try:
+                message = delivery.message
+                message.decode()
+                fn(message)
+                result = ACK
+            except BaseException as e:  # noqa: BLE001 - every failure has an outcome
+                result = classify(e)
+                if result[0] == "halt":
+                    self.accepting = False
+            delivery.finished = monotonic()
+            append(result)
+        return out
+
+    def _batch_done(self, results: list[tuple], batch: list[Any]) -> None:
+        self._busy -= 1
+        self._on_results(batch, results)
+        if self._pending and not self._pump_scheduled:
+            self._pump_scheduled = True
+            self._reactor.callLater(0, self._pump)
+
+    # async path
+
+    def _run_async(self, delivery: Any) -> None:
+        delivery.started = monotonic()
+        self._busy += 1
+        try:
+            delivery.message.decode()
+            coro = self._fn(delivery.message)
+            if self._asyncio_loop is not None:
+                import asyncio
+
+                d = defer.Deferred.fromFuture(asyncio.ensure_future(coro, loop=self._asyncio_loop))
+            else:
+                d = defer.ensureDeferred(coro)
+        except BaseException as e:  # noqa: BLE001
+            self._async_done_error(e, delivery)
+            return
+        d.addCallbacks(self._async_done, self._async_failed, callbackArgs=(delivery,), errbackArgs=(delivery,))
+
+    def _async_done(self, _result: Any, delivery: Any) -> None:
+        self._busy -= 1
+        delivery.finished = monotonic()
+        self._on_results((delivery,), (ACK,))
+
+    def _async_failed(self, failure: Any, delivery: Any) -> None:
+        self._async_done_error(failure.value, delivery, failure.getTraceback().rstrip())
+
+    def _async_done_error(self, error: BaseException, delivery: Any, tb: str | None = None) -> None:
+        self._busy -= 1
+        delivery.finished = monotonic()
+        result = classify(error, tb)
+        if result[0] == "halt":
+            self.accepting = False
+        self._on_results((delivery,), (result,))

@@ -1,0 +1,133 @@
+"""One log line per event, as text or JSON, on stdout (systemd's journal adds time and unit).
+
+twistd asks for a log observer factory by dotted name (``--logger``); the
+plugin's option parser points it here after loading the config, so the whole
+daemon, Twisted and pika included, writes through this one observer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from twisted.logger import FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger, formatEvent
+from zope.interface import implementer
+
+from amqp_consumer.config import redact_text
+
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+_STD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+_NAMES = {LogLevel.debug: "DEBUG", LogLevel.info: "INFO", LogLevel.warn: "WARNING", LogLevel.error: "ERROR", LogLevel.critical: "CRITICAL"}
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+    format: str = "text"
+    pika_level: str = "warn"
+    logfile: str = ""
+    timestamps: bool = True
+
+
+_settings = LogSettings()
+
+
+def configure(settings: LogSettings) -> None:
+    global _settings
+    _settings = settings
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    def __init__(self, stream: IO[str], fmt: str, timestamps: bool) -> None:
+        self._stream = stream
+        self._json = fmt == "json"
+        self._timestamps = timestamps
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        namespace = event.get("log_namespace", "-")
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None and _is_handshake_noise(failure):
+            level, text, failure = LogLevel.warn, "connection dropped during the AMQP handshake; retrying", None
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback().rstrip()}" if text else failure.getTraceback().rstrip()
+        text = redact_text(text)
+        if self._json:
+            record: dict[str, Any] = {
+                "time": datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).isoformat(timespec="milliseconds"),
+                "level": _NAMES.get(level, str(level)),
+                "logger": namespace,
+                "message": text,
+            }
+            if event.get("message_id") is not None:
+                record["message_id"] = event["message_id"]
+            line = json.dumps(record, default=str)
+        else:
+            line = f"{_NAMES.get(level, level)} {namespace}: {text}"
+            if self._timestamps:
+                stamp = datetime.fromtimestamp(event.get("log_time", 0)).isoformat(sep=" ", timespec="milliseconds")
+                line = f"{stamp} {line}"
+        try:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _is_handshake_noise(failure: Any) -> bool:
+    # Twisted's ClientService logs automat's NoTransition when the TCP connection
+    # drops while the AMQP handshake is still running; the retry happens anyway.
+    return type(failure.value).__name__ == "NoTransition"
+
+
+class _ToTwisted(logging.Handler):
+    """stdlib logging (pika) into the same observer."""
+
+    _levels = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info, logging.WARNING: LogLevel.warn, logging.ERROR: LogLevel.error, logging.CRITICAL: LogLevel.critical}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        Logger(namespace=record.name).emit(self._levels.get(record.levelno, LogLevel.info), "{text}", text=text)
+
+
+def bridge_stdlib(pika_level: str) -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _ToTwisted) for h in root.handlers):
+        root.addHandler(_ToTwisted())
+    root.setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(_STD_LEVELS[pika_level])
+
+
+def make_observer(settings: LogSettings | None = None, stream: IO[str] | None = None) -> ILogObserver:
+    s = settings or _settings
+    if stream is None:
+        stream = open(s.logfile, "a", buffering=1) if s.logfile and s.logfile != "-" else sys.stdout
+    bridge_stdlib(s.pika_level)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[s.level])
+    return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps), [predicate])
+
+
+def twistd_observer() -> ILogObserver:
+    """The factory twistd calls (named by --logger)."""
+    return make_observer()
+
+
+def default_timestamps() -> bool:
+    """The journal stamps every line itself."""
+    return "JOURNAL_STREAM" not in os.environ

@@ -1,0 +1,75 @@
+"""Prometheus metrics on a private registry; the hot path only touches pre-bound counter children."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+OUTCOMES = ("received", "acked", "requeued", "rejected", "quarantined")
+
+
+class _Live:
+    """Gauges computed at scrape time from the state, registry and dispatcher."""
+
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Any]:
+        helps = {
+            "amqp_consumer_inflight": "Deliveries received and not yet settled",
+            "amqp_consumer_oldest_inflight_seconds": "Age of the oldest unsettled delivery",
+            "amqp_consumer_connected": "1 while an AMQP connection is open",
+            "amqp_consumer_ready": "1 while consuming on every configured queue",
+            "amqp_consumer_blocked": "1 while the broker blocks publishing (memory or disk alarm)",
+            "amqp_consumer_reconnects_total": "Reconnections after a lost connection",
+            "amqp_consumer_last_delivery_timestamp_seconds": "Unix time of the last delivery",
+            "amqp_consumer_workers_busy": "Worker threads (or async callbacks) running",
+            "amqp_consumer_workers_total": "Worker threads configured",
+        }
+        for name, value in self._read().items():
+            kind = "counter" if name.endswith("_total") else "gauge"
+            if kind == "counter":
+                from prometheus_client.core import CounterMetricFamily
+
+                yield CounterMetricFamily(name[: -len("_total")], helps[name], value=value)
+            else:
+                yield GaugeMetricFamily(name, helps[name], value=value)
+
+
+class Metrics:
+    def __init__(self, queues: Iterable[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._messages = Counter(
+            "amqp_consumer_messages", "Deliveries by queue and outcome", ["queue", "outcome"], registry=self.registry
+        )
+        self.duration = Histogram(
+            "amqp_consumer_callback_duration_seconds",
+            "Time the callback took per message",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.state_info = Gauge(
+            "amqp_consumer_connection_state", "1 for the current connection state", ["state"], registry=self.registry
+        )
+        self.counters: dict[str, dict[str, Any]] = {o: {} for o in OUTCOMES}
+        for q in queues:
+            self.bind_queue(q)
+
+    def bind_queue(self, label: str) -> None:
+        for outcome in OUTCOMES:
+            self.counters[outcome][label] = self._messages.labels(label, outcome)
+
+    def watch(self, read: Callable[[], dict[str, float]]) -> None:
+        self.registry.register(_Live(read))
+
+    def set_connection_state(self, state: str) -> None:
+        for s in ("connecting", "connected", "reconnecting", "closed"):
+            self.state_info.labels(s).set(1 if s == state else 0)
+
+    def value(self, outcome: str, queue: str) -> float:
+        return self.counters[outcome][queue]._value.get()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
