@@ -1,0 +1,94 @@
+"""Callbacks the tests run inside the daemon. Each writes what it saw as JSON lines to $TEST_OUT."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+from amqp_consumer import Drop, HaltConsumer, Nack
+
+_lock = threading.Lock()
+
+
+def _record(message, **extra) -> None:
+    row = {
+        "id": message.id,
+        "body": message.body if not isinstance(message.body, bytes) else message.body.decode("utf-8", "replace"),
+        "queue": message.queue,
+        "routing_key": message.routing_key,
+        "redelivered": message.redelivered,
+        "thread": threading.current_thread().name,
+        **extra,
+    }
+    with _lock, open(os.environ["TEST_OUT"], "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def record(message) -> None:
+    _record(message)
+
+
+def slow(message) -> None:
+    """Sleeps body['sleep'] seconds, recording start and end."""
+    start = time.time()
+    _record(message, event="start", t=start)
+    time.sleep(float(message.body.get("sleep", 0)))
+    _record(message, event="end", t=time.time(), start=start)
+
+
+def outcomes(message) -> None:
+    """body['do'] picks the outcome: ack, nack-once, drop, halt, raise."""
+    do = message.body.get("do", "ack")
+    _record(message, do=do)
+    if do == "nack-once" and not message.redelivered:
+        raise Nack()
+    if do == "drop":
+        raise Drop()
+    if do == "halt":
+        raise HaltConsumer(exit_code=int(message.body.get("code", 0)), requeue=bool(message.body.get("requeue", False)))
+    if do == "raise":
+        raise ValueError(f"cannot handle {message.body.get('what', 'this')}")
+
+
+async def async_record(message) -> None:
+    """Awaits a Deferred on the reactor (default reactor)."""
+    from twisted.internet import reactor, task
+
+    await task.deferLater(reactor, 0.01, lambda: None)
+    _record(message, kind="async")
+
+
+async def asyncio_record(message) -> None:
+    """Awaits asyncio (under twistd -r asyncio)."""
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    _record(message, kind="asyncio")
+
+
+class Configured:
+    """A class callback: built once with [consumer.config]."""
+
+    def __init__(self, config) -> None:
+        self.prefix = config["prefix"]
+
+    def __call__(self, message) -> None:
+        _record(message, prefix=self.prefix)
+
+
+class AsyncConfigured:
+    def __init__(self, config) -> None:
+        self.prefix = config.get("prefix", "")
+
+    async def __call__(self, message) -> None:
+        _record(message, prefix=self.prefix, kind="async-class")
+
+
+class BrokenInit:
+    def __init__(self, config) -> None:
+        raise RuntimeError("database unreachable")
+
+    def __call__(self, message) -> None:  # pragma: no cover
+        pass

@@ -1,0 +1,233 @@
+"""End to end through `twistd -n amqp-consumer`: what a user sees in queues, outputs and exit codes."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker, read_rows, unique
+from tests.support.daemonproc import DaemonProcess, env_for, wait_until
+
+
+def config(queue: str, callback: str, *, workers: int = 1, prefetch: int = 100, drain: float = 30.0,
+           queue_args: str = "{}", extra: str = "") -> str:
+    return f"""
+[amqp]
+urls = ["amqp://guest:guest@127.0.0.1:5672/%2F"]
+heartbeat = 10
+
+[[queues]]
+name = "{queue}"
+arguments = {queue_args}
+
+[consumer]
+callback = "{callback}"
+prefetch = {prefetch}
+workers = {workers}
+drain_timeout = {drain}
+
+[health]
+listen = ""
+{extra}
+"""
+
+
+def start(tmp_path: Path, text: str, out_file: Path, args: list[str] | None = None) -> DaemonProcess:
+    d = DaemonProcess(tmp_path / "d", text, args, env=env_for(TEST_OUT=str(out_file)))
+    d.start()
+    d.wait_for_log(r"consuming from")
+    return d
+
+
+@pytest.fixture
+def daemons():
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+def test_every_message_processed_once_and_sigterm_exits_0(tmp_path, broker: Broker, queue, out_file, daemons):
+    broker.declare(queue)
+    ids = broker.publish_json(queue, [{"n": i} for i in range(300)])
+    d = start(tmp_path, config(queue, "testcb:record"), out_file)
+    daemons.append(d)
+    wait_until(lambda: len(read_rows(out_file)) >= 300, 30, what="300 messages processed")
+    wait_until(lambda: broker.counts(queue) == (0, 1), 10, what="queue empty")
+    assert d.stop(signal.SIGTERM) == 0
+    rows = read_rows(out_file)
+    assert sorted(r["id"] for r in rows) == sorted(ids)  # exactly once
+    assert broker.depth(queue) == 0  # nothing came back on close: all were acked
+    assert all("amqp-consumer-worker" in r["thread"] for r in rows)  # never on the reactor thread
+    assert "Traceback" not in d.output
+
+
+def test_workers_1_keeps_order(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"n": i} for i in range(500)])
+    d = start(tmp_path, config(queue, "testcb:record", workers=1), out_file)
+    daemons.append(d)
+    wait_until(lambda: len(read_rows(out_file)) >= 500, 30, what="500 processed")
+    assert [r["body"]["n"] for r in read_rows(out_file)] == list(range(500))
+    assert d.stop() == 0
+
+
+def test_workers_4_run_four_at_once(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"sleep": 1.0, "n": i} for i in range(4)])
+    d = start(tmp_path, config(queue, "testcb:slow", workers=4), out_file)
+    daemons.append(d)
+    wait_until(lambda: len([r for r in read_rows(out_file) if r.get("event") == "end"]) == 4, 20, what="4 slow callbacks")
+    rows = read_rows(out_file)
+    starts = sorted(r["t"] for r in rows if r["event"] == "start")
+    ends = sorted(r["t"] for r in rows if r["event"] == "end")
+    assert starts[-1] < ends[0], "all four started before the first finished"
+    assert len({r["thread"] for r in rows}) == 4
+    assert d.stop() == 0
+
+
+@pytest.mark.parametrize("callback,kind", [("testcb:async_record", "async"), ("testcb:AsyncConfigured", "async-class")])
+def test_async_callbacks_run_on_the_reactor(tmp_path, broker, queue, out_file, daemons, callback, kind):
+    broker.declare(queue)
+    ids = broker.publish_json(queue, [{"n": i} for i in range(50)])
+    d = start(tmp_path, config(queue, callback), out_file)
+    daemons.append(d)
+    wait_until(lambda: len(read_rows(out_file)) >= 50, 20, what="50 async messages")
+    rows = read_rows(out_file)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert {r["kind"] for r in rows} == {kind}
+    assert {r["thread"] for r in rows} == {"MainThread"}
+    wait_until(lambda: broker.depth(queue) == 0, 10, what="queue empty")
+    assert d.stop() == 0
+
+
+def test_asyncio_callback_under_the_asyncio_reactor(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    ids = broker.publish_json(queue, [{"n": i} for i in range(20)])
+    d = DaemonProcess(tmp_path / "d", config(queue, "testcb:asyncio_record"), env=env_for(TEST_OUT=str(out_file)))
+    d.command = lambda: [  # type: ignore[method-assign]
+        *DaemonProcess.command(d)[:1], "-r", "asyncio", *DaemonProcess.command(d)[1:]
+    ]
+    d.start()
+    daemons.append(d)
+    d.wait_for_log(r"AsyncioSelectorReactor")
+    wait_until(lambda: len(read_rows(out_file)) >= 20, 20, what="20 asyncio messages")
+    assert sorted(r["id"] for r in read_rows(out_file)) == sorted(ids)
+    assert d.stop() == 0
+
+
+def test_class_callback_gets_consumer_config(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"n": 1}])
+    text = config(queue, "testcb:Configured") + '\n[consumer.config]\nprefix = "hello"\n'
+    text = text.replace("[health]", "[health]")  # keep [consumer.config] after [consumer]
+    d = start(tmp_path, text, out_file)
+    daemons.append(d)
+    wait_until(lambda: read_rows(out_file), 20, what="one message")
+    assert read_rows(out_file)[0]["prefix"] == "hello"
+    assert d.stop() == 0
+
+
+def test_outcomes_nack_drop_and_ack(tmp_path, broker, queue, out_file, daemons):
+    dlq = unique("dlq")
+    broker.declare(dlq)
+    broker.declare(queue, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq})
+    broker.publish_json(queue, [{"do": "ack"}, {"do": "nack-once"}, {"do": "drop"}])
+    args = f'{{"x-dead-letter-exchange" = "", "x-dead-letter-routing-key" = "{dlq}"}}'
+    d = start(tmp_path, config(queue, "testcb:outcomes", queue_args=args), out_file)
+    daemons.append(d)
+    wait_until(lambda: len(read_rows(out_file)) >= 4, 20, what="4 callback runs (nack-once runs twice)")
+    wait_until(lambda: broker.depth(queue) == 0, 10, what="queue empty")
+    rows = read_rows(out_file)
+    nacked = [r for r in rows if r["do"] == "nack-once"]
+    assert [r["redelivered"] for r in nacked] == [False, True]  # back in the queue, delivered again
+    dead = broker.get_all(dlq)
+    assert len(dead) == 1 and b'"drop"' in dead[0][1]  # rejected without requeue -> dead-lettered
+    assert d.stop() == 0
+    broker.delete(dlq)
+
+
+def test_unexpected_exception_quarantines_and_keeps_consuming(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    ids = broker.publish_json(queue, [{"do": "raise", "what": "poison"}, {"do": "ack"}, {"do": "ack"}])
+    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    daemons.append(d)
+    wait_until(lambda: len(read_rows(out_file)) >= 3, 20, what="3 messages")
+    wait_until(lambda: broker.depth(queue + ".quarantine") == 1, 10, what="one quarantined message")
+    wait_until(lambda: broker.depth(queue) == 0, 10, what="queue empty")
+    (props, body), = broker.get_all(queue + ".quarantine")
+    assert props.message_id == ids[0]
+    assert props.headers["amqp-consumer-exception"] == "ValueError"
+    assert props.headers["amqp-consumer-error"] == "cannot handle poison"
+    assert props.headers["amqp-consumer-queue"] == queue
+    assert props.headers["amqp-consumer-quarantined-at"].startswith("20")
+    assert b"poison" in body
+    # the traceback is logged with the message id
+    assert f"message {ids[0]} from '{queue}' goes to quarantine" in d.output
+    assert "ValueError: cannot handle poison" in d.output
+    assert d.stop() == 0
+
+
+def test_undecodable_json_goes_to_quarantine(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_raw(queue, b'{"broken": ', content_type="application/json", message_id="bad-json")
+    broker.publish_json(queue, [{"do": "ack"}])
+    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    daemons.append(d)
+    wait_until(lambda: broker.depth(queue + ".quarantine") == 1, 20, what="quarantined body")
+    wait_until(lambda: len(read_rows(out_file)) == 1, 10, what="the good message processed")
+    (props, body), = broker.get_all(queue + ".quarantine")
+    assert body == b'{"broken": '
+    assert props.headers["amqp-consumer-exception"] == "BodyDecodeError"
+    assert "not valid JSON" in props.headers["amqp-consumer-error"]
+    assert "message bad-json" in d.output
+    assert d.stop() == 0
+
+
+def test_halt_consumer_exits_with_its_code(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"do": "ack"}, {"do": "halt", "code": 3}, {"do": "ack"}, {"do": "ack"}])
+    d = start(tmp_path, config(queue, "testcb:outcomes", workers=1), out_file)
+    daemons.append(d)
+    assert d.wait(30) == 3
+    rows = read_rows(out_file)
+    assert [r["do"] for r in rows] == ["ack", "halt"]  # nothing after the halt ran
+    assert broker.depth(queue) == 2  # the two after it are back in the queue; the halting one was acked
+    assert "asked to halt (exit code 3)" in d.output
+
+
+def test_halt_consumer_with_requeue(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"do": "halt", "code": 0, "requeue": True}])
+    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    daemons.append(d)
+    assert d.wait(30) == 0
+    assert broker.depth(queue) == 1
+
+
+def test_sigterm_drains_in_flight_and_returns_prefetched(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"sleep": 2.0, "n": i} for i in range(5)])
+    d = start(tmp_path, config(queue, "testcb:slow", workers=1, prefetch=10), out_file)
+    daemons.append(d)
+    wait_until(lambda: read_rows(out_file), 20, what="the first slow callback started")
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    rows = read_rows(out_file)
+    assert [r["event"] for r in rows] == ["start", "end"]  # the in-flight one finished, no other started
+    assert broker.depth(queue) == 4  # it was acked; the 4 prefetched ones are back
+
+
+def test_second_sigterm_skips_the_drain(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"sleep": 60, "n": 0}])
+    d = start(tmp_path, config(queue, "testcb:slow", drain=120), out_file)
+    daemons.append(d)
+    wait_until(lambda: read_rows(out_file), 20, what="slow callback started")
+    d.send_signal(signal.SIGTERM)
+    d.wait_for_log(r"draining: waiting")
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(20) == 0
+    assert broker.depth(queue) == 1  # unfinished: back in the queue
