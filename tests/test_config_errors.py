@@ -1,0 +1,116 @@
+"""Every kind of bad config: exit status 78 and one line naming the file, the key and what is expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from amqp_consumer.config import ConfigError, load, redact_url
+from tests.support.daemonproc import DaemonProcess, env_for, run_check
+
+GOOD = """
+[[queues]]
+name = "q1"
+
+[consumer]
+callback = "testcb:record"
+"""
+
+CASES = [
+    # (id, config text (None: no file), expected fragments of the one line)
+    ("bad-toml", "[consumer\ncallback = 1", ["invalid TOML"]),
+    ("unknown-key", GOOD + "prefech = 10\n", ["consumer.prefech", "unknown key", "prefetch"]),
+    ("unknown-table", GOOD + "[helth]\nlisten = ''\n", ["helth", "unknown key"]),
+    ("wrong-type", GOOD.replace('callback = "testcb:record"', 'callback = "testcb:record"\nprefetch = "lots"'),
+     ["consumer.prefetch", "expected a whole number", "'lots'"]),
+    ("out-of-range", GOOD + "workers = 0\n", ["consumer.workers", "from 1 to 256", "got 0"]),
+    ("bool-for-int", GOOD + "prefetch = true\n", ["consumer.prefetch", "expected a whole number"]),
+    ("missing-required", "[[queues]]\nname='q'\n[[bindings]]\nqueue = 'q'\n", ["bindings[0].exchange", "missing required key"]),
+    ("missing-callback", "[[queues]]\nname='q'\n", ["consumer.callback", "missing required key"]),
+    ("callback-syntax", GOOD.replace("testcb:record", "testcb.record"), ["consumer.callback", "module:object"]),
+    ("callback-module-missing", GOOD.replace("testcb:record", "no_such_module:fn"),
+     ["consumer.callback", "cannot import module 'no_such_module'", "PYTHONPATH"]),
+    ("callback-import-raises", GOOD.replace("testcb:record", "badimport:fn"), ["consumer.callback", "ImportError", "always fails"]),
+    ("callback-attr-missing", GOOD.replace("testcb:record", "testcb:nope"), ["consumer.callback", "no attribute 'nope'"]),
+    ("binding-undeclared-queue", GOOD + "[[bindings]]\nqueue = 'other'\nexchange = 'amq.topic'\n",
+     ["bindings[0].queue", "queue 'other' is not declared", "[[queues]]"]),
+    ("bad-url-hides-password", GOOD + "[amqp]\nurls = ['http://bob:s3cret@127.0.0.1/']\n",
+     ["amqp.urls", "amqp://", "bob:***@"]),
+    ("nothing-to-consume", "[consumer]\ncallback = 'testcb:record'\n", ["consumer.queues", "nothing to consume"]),
+    ("bad-endpoint", GOOD + "[health]\nlisten = 'tcp:notaport'\n", ["health.listen", "endpoint"]),
+    ("tls-key-without-cert", GOOD + "[amqp.tls]\nkey = '/etc/hostname'\n", ["amqp.tls.cert", "required"]),
+]
+
+
+@pytest.mark.parametrize("case_id,text,fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_config_exits_78_with_one_line(tmp_path: Path, case_id: str, text: str, fragments: list[str]) -> None:
+    result = run_check(text, tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 78, result.stderr + result.stdout
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    line = lines[0]
+    assert line.startswith("amqp-consumer: config error: ")
+    assert str(tmp_path / "daemon.toml") in line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_missing_file_exits_78(tmp_path: Path) -> None:
+    d = DaemonProcess(tmp_path, GOOD)
+    d.config_path.unlink()
+    import subprocess
+
+    result = subprocess.run(d.command(), cwd=tmp_path, env=env_for(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines() == [
+        f"amqp-consumer: config error: {d.config_path}: no such file; pass --config=FILE with an existing TOML file"
+    ]
+
+
+def test_check_passes_a_good_config_and_the_example(tmp_path: Path) -> None:
+    result = run_check(GOOD, tmp_path, ["--check"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("OK (callback testcb:record; queues: q1)")
+    root = Path(__file__).resolve().parents[1]
+    import subprocess
+
+    example = subprocess.run(
+        DaemonProcess(tmp_path / "x", "").command()[:-1] + [f"--config={root / 'conf/amqp-consumer.toml'}", "--check"],
+        env=env_for([root / "conf"]), capture_output=True, text=True, timeout=60,
+    )
+    assert example.returncode == 0, example.stderr
+    assert "OK" in example.stdout
+
+
+def test_callback_option_overrides_the_file(tmp_path: Path) -> None:
+    result = run_check(GOOD, tmp_path, ["--check", "--callback=testcb:slow"])
+    assert result.returncode == 0
+    assert "callback testcb:slow" in result.stdout
+    bad = run_check(GOOD, tmp_path, ["--check", "--callback=testcb:missing"])
+    assert bad.returncode == 78
+    assert "no attribute 'missing'" in bad.stderr
+
+
+def test_load_gives_frozen_defaults(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(GOOD)
+    c = load(p)
+    assert (c.consumer.prefetch, c.consumer.workers, c.consumer.drain_timeout) == (100, 1, 30.0)
+    assert c.amqp.heartbeat == 15 and c.health.listen == "tcp:9100:interface=127.0.0.1"
+    with pytest.raises(Exception):
+        c.consumer.prefetch = 5  # type: ignore[misc]
+
+
+def test_server_named_queue_rules(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[[queues]]\nname=''\n[[queues]]\nname=''\n[consumer]\ncallback='m:f'\n")
+    with pytest.raises(ConfigError, match="at most one server-named queue"):
+        load(p)
+
+
+def test_redact_url() -> None:
+    assert redact_url("amqps://u:p%40ss@host:5671/vh") == "amqps://u:***@host:5671/vh"
+    assert redact_url("amqp://host/") == "amqp://host/"
