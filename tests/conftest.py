@@ -31,3 +31,50 @@ def queue(broker: Broker) -> str:
 @pytest.fixture
 def out_file(tmp_path: Path) -> Path:
     return tmp_path / "seen.jsonl"
+
+
+@pytest.fixture(scope="session")
+def private_node(tmp_path_factory: pytest.TempPathFactory):
+    """A private RabbitMQ node (own name, ports and data) that tests may stop, kill and restart.
+
+    Shared by the session to pay its start-up once; a test that stops it must leave it running.
+    """
+    from tests.support.rabbitnode import RabbitNode, rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed: cannot start a private node")
+    node = RabbitNode("amqpc-test", tmp_path_factory.mktemp("nodes"))
+    node.start()
+    yield node
+    node.cleanup()
+
+
+@pytest.fixture
+def running_node(private_node):
+    if not private_node.is_running():
+        private_node.restart()
+    yield private_node
+    if not private_node.is_running():
+        private_node.restart()
+
+
+@pytest.fixture
+def reactor():
+    """The running reactor (pytest-twisted has no fixture of its own)."""
+    from twisted.internet import reactor as r
+
+    return r
+
+
+async def until(reactor, predicate, timeout: float = 20.0, what: str = "condition"):
+    """Poll predicate on the reactor, yielding to it between tries."""
+    from twisted.internet import task
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await task.deferLater(reactor, 0.05, lambda: None)

@@ -1,0 +1,95 @@
+"""The consumer survives the broker: restarts, closed channels, deleted queues, long callbacks."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.support.broker import Broker, read_rows, unique
+from tests.support.daemonproc import DaemonProcess, env_for, wait_until
+
+
+def cfg(url: str, queue: str, callback: str = "testcb:record", heartbeat: int = 10, extra: str = "") -> str:
+    return f"""
+[amqp]
+urls = ["{url}"]
+heartbeat = {heartbeat}
+reconnect_min_delay = 0.2
+reconnect_max_delay = 2.0
+
+[[queues]]
+name = "{queue}"
+
+[consumer]
+callback = "{callback}"
+prefetch = 50
+
+[health]
+listen = ""
+{extra}
+"""
+
+
+@pytest.fixture
+def daemons():
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+@pytest.mark.broker_node
+def test_broker_killed_and_restarted_twice_consumption_resumes(tmp_path: Path, running_node, out_file, daemons):
+    node = running_node
+    queue = unique("kill")
+    pub = Broker(node.url)
+    pub.declare(queue)
+    d = DaemonProcess(tmp_path / "d", cfg(node.url, queue), env=env_for(TEST_OUT=str(out_file)))
+    d.start()
+    daemons.append(d)
+    d.wait_for_log("consuming from")
+    published: list[str] = []
+    for round_ in range(3):
+        published += pub.publish_json(queue, [{"n": round_ * 1000 + i} for i in range(400)])
+        wait_until(lambda: len(read_rows(out_file)) > len(published) - 300, 30, what="consumption under way")
+        if round_ == 2:
+            break
+        pub._conn = None  # its connection dies with the node
+        pub._ch = None
+        node.kill()
+        node.restart()
+        d.wait_for_log(f"(?s)(connected to.*){{{round_ + 2}}}", timeout=60)
+    wait_until(lambda: set(published) <= {r["id"] for r in read_rows(out_file)}, 60, what="every published message processed")
+    assert d.output.count("connection to") >= 2 and "lost" in d.output
+    assert d.stop() == 0
+    pub.delete(queue)
+    pub.delete(queue + ".quarantine")
+
+
+def test_deleted_queue_consumer_comes_back(tmp_path: Path, broker: Broker, queue, out_file, daemons):
+    broker.declare(queue)
+    d = DaemonProcess(tmp_path / "d", cfg(broker.url, queue), env=env_for(TEST_OUT=str(out_file)))
+    d.start()
+    daemons.append(d)
+    d.wait_for_log("consuming from")
+    broker.delete(queue)
+    d.wait_for_log("cancelled our consumer")
+    wait_until(lambda: broker.counts(queue) == (0, 1), 20, what="queue re-declared and consumed again")
+    ids = broker.publish_json(queue, [{"n": 1}, {"n": 2}])
+    wait_until(lambda: {r["id"] for r in read_rows(out_file)} >= set(ids), 20, what="messages after the re-create")
+    assert d.stop() == 0
+
+
+def test_heartbeats_flow_while_a_sync_callback_runs_long(tmp_path: Path, broker: Broker, queue, out_file, daemons):
+    broker.declare(queue)
+    broker.publish_json(queue, [{"sleep": 7}])
+    d = DaemonProcess(tmp_path / "d", cfg(broker.url, queue, "testcb:slow", heartbeat=1), env=env_for(TEST_OUT=str(out_file)))
+    d.start()
+    daemons.append(d)
+    wait_until(lambda: [r for r in read_rows(out_file) if r.get("event") == "end"], 20, what="the long callback finished")
+    wait_until(lambda: broker.counts(queue) == (0, 1), 10, what="acked on the same connection")
+    assert "lost" not in d.output and "heartbeat" not in d.output
+    assert d.stop() == 0
