@@ -1,0 +1,264 @@
+"""Self-test of the test helpers: private RabbitMQ nodes and the TCP proxy."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pika.credentials
+import pika.exceptions
+import pytest
+
+from tests.support.rabbitnode import RabbitNode, TLSFiles, make_tls_files, rabbitmq_available
+from tests.support.tcpproxy import TCPProxy
+
+pytestmark = [
+    pytest.mark.broker_node,
+    pytest.mark.skipif(not rabbitmq_available(), reason="RabbitMQ is not installed"),
+]
+
+AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
+
+
+def _params(url: str) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    params.blocked_connection_timeout = 10
+    return params
+
+
+def _connect(url: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(_params(url))
+
+
+def _queue_name() -> str:
+    return f"selftest-{uuid.uuid4().hex[:8]}"
+
+
+def _round_trip(connection: pika.BlockingConnection, body: bytes) -> None:
+    """Publish *body* to a fresh queue and get it back."""
+    channel = connection.channel()
+    channel.confirm_delivery()
+    queue = channel.queue_declare(_queue_name(), auto_delete=True).method.queue
+    channel.basic_publish("", queue, body)
+    method, _props, got = channel.basic_get(queue, auto_ack=True)
+    assert method is not None
+    assert got == body
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    rabbit = RabbitNode("selftest", tmp_path_factory.mktemp("rabbitnode"))
+    try:
+        rabbit.start()
+        yield rabbit
+    finally:
+        rabbit.cleanup()
+
+
+@pytest.fixture
+def proxy(node: RabbitNode) -> Iterator[TCPProxy]:
+    with TCPProxy(node.port) as tcp_proxy:
+        yield tcp_proxy
+
+
+def test_node_identity(node: RabbitNode) -> None:
+    assert node.nodename == f"{node.name}@localhost"
+    assert node.name.startswith("selftest-")
+    assert node.url == f"amqp://guest:guest@127.0.0.1:{node.port}/%2F"
+    assert node.tls_port is None
+    assert node.is_running()
+    assert node.port != 5672
+    assert "selftest" in node.ctl("status").stdout
+
+
+def test_publish_and_consume(node: RabbitNode) -> None:
+    connection = _connect(node.url)
+    try:
+        _round_trip(connection, b"direct")
+    finally:
+        connection.close()
+
+
+def test_queue_depth_counts_unacked(node: RabbitNode) -> None:
+    connection = _connect(node.url)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        queue = _queue_name()
+        channel.queue_declare(queue)
+        channel.basic_publish("", queue, b"one")
+        channel.basic_publish("", queue, b"two")
+        assert node.queue_depth(queue) == 2
+        method, _props, _body = channel.basic_get(queue, auto_ack=False)
+        assert method is not None
+        assert node.queue_depth(queue) == 2  # one ready, one unacked
+        channel.basic_ack(method.delivery_tag)
+        channel.basic_get(queue, auto_ack=True)
+        assert node.queue_depth(queue) == 0
+        node.delete_queue(queue)
+        with pytest.raises(KeyError):
+            node.queue_depth(queue)
+    finally:
+        connection.close()
+
+
+def test_close_all_connections(node: RabbitNode) -> None:
+    connection = _connect(node.url)
+    node.close_all_connections("selftest")
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as info:
+        connection.process_data_events(time_limit=5)
+        connection.process_data_events(time_limit=5)
+    assert info.value.reply_code == 320
+
+
+def test_proxy_forwards_and_cuts(node: RabbitNode, proxy: TCPProxy) -> None:
+    connection = _connect(f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F")
+    _round_trip(connection, b"through the proxy")
+    assert proxy.connection_count == 1
+    proxy.cut()
+    assert proxy.connection_count == 0
+    with pytest.raises(pika.exceptions.AMQPConnectionError):
+        connection.channel()
+    assert not connection.is_open
+
+
+def test_proxy_stall_resume_refuse(node: RabbitNode, proxy: TCPProxy) -> None:
+    proxy.stall()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(AMQP_HEADER)
+        sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            sock.recv(1)
+        assert proxy.connection_count == 1
+        proxy.resume()
+        sock.settimeout(5)
+        assert sock.recv(1) == b"\x01"  # a method frame: connection.start
+
+    proxy.refuse(True)
+    # Closed at once: the client sees a reset or an EOF.
+    with (
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock,
+        contextlib.suppress(ConnectionResetError),
+    ):
+        assert sock.recv(1) == b""
+    proxy.refuse(False)
+    connection = _connect(f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F")
+    connection.close()
+
+
+def test_durable_message_survives_kill(node: RabbitNode) -> None:
+    queue = _queue_name()
+    connection = _connect(node.url)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    channel.queue_declare(queue, durable=True)
+    channel.basic_publish("", queue, b"persistent", pika.BasicProperties(delivery_mode=2))
+
+    node.kill()
+    assert not node.is_running()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", node.port), timeout=2).close()
+    with pytest.raises(pika.exceptions.AMQPError):
+        connection.process_data_events(time_limit=1)
+
+    node.restart()
+    assert node.is_running()
+    assert node.queue_depth(queue) == 1
+    connection = _connect(node.url)
+    try:
+        channel = connection.channel()
+        method, _props, body = channel.basic_get(queue, auto_ack=True)
+        assert method is not None
+        assert body == b"persistent"
+        channel.queue_delete(queue)
+    finally:
+        connection.close()
+
+
+def test_graceful_stop_and_restart(node: RabbitNode) -> None:
+    node.stop()
+    assert not node.is_running()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", node.port), timeout=2).close()
+    node.restart()
+    connection = _connect(node.url)
+    try:
+        _round_trip(connection, b"after restart")
+    finally:
+        connection.close()
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def tls_node(tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles) -> Iterator[RabbitNode]:
+    rabbit = RabbitNode("selftest-tls", tmp_path_factory.mktemp("rabbitnode-tls"), tls=tls_files, verify_peer=True)
+    try:
+        rabbit.start()
+        yield rabbit
+    finally:
+        rabbit.cleanup()
+
+
+def _tls_params(
+    node: RabbitNode,
+    cafile: Path,
+    server_hostname: str = "localhost",
+    host: str = "localhost",
+    client: TLSFiles | None = None,
+) -> pika.URLParameters:
+    context = ssl.create_default_context(cafile=str(cafile))
+    if client is not None:
+        context.load_cert_chain(str(client.client_cert), str(client.client_key))
+    params = _params(node.tls_url(host))
+    params.ssl_options = pika.SSLOptions(context, server_hostname=server_hostname)
+    return params
+
+
+def test_tls_verified_connection(tls_node: RabbitNode, tls_files: TLSFiles) -> None:
+    assert tls_node.tls_port is not None
+    assert tls_node.tls_url() == f"amqps://guest:guest@localhost:{tls_node.tls_port}/%2F"
+    connection = pika.BlockingConnection(_tls_params(tls_node, tls_files.ca_cert))
+    try:
+        _round_trip(connection, b"over TLS")
+    finally:
+        connection.close()
+
+
+def test_tls_ip_address_is_in_the_certificate(tls_node: RabbitNode, tls_files: TLSFiles) -> None:
+    params = _tls_params(tls_node, tls_files.ca_cert, server_hostname="127.0.0.1", host="127.0.0.1")
+    pika.BlockingConnection(params).close()
+
+
+def test_tls_external_auth_with_client_cert(tls_node: RabbitNode, tls_files: TLSFiles) -> None:
+    params = _tls_params(tls_node, tls_files.ca_cert, client=tls_files)
+    params.credentials = pika.credentials.ExternalCredentials()
+    connection = pika.BlockingConnection(params)
+    try:
+        _round_trip(connection, b"EXTERNAL")
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("case", ["wrong-ca", "wrong-hostname"])
+def test_tls_rejects_bad_server_identity(tls_node: RabbitNode, tls_files: TLSFiles, case: str) -> None:
+    if case == "wrong-ca":
+        params = _tls_params(tls_node, tls_files.other_ca_cert)
+    else:
+        params = _tls_params(tls_node, tls_files.ca_cert, server_hostname="not-localhost.example")
+    with pytest.raises((pika.exceptions.AMQPConnectionError, ssl.SSLError)):
+        pika.BlockingConnection(params)
