@@ -1,0 +1,169 @@
+"""Unit tests of the settle path and its timing, on a MemoryReactorClock with a fake channel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet.testing import MemoryReactorClock
+
+from amqp_consumer.config import load
+from amqp_consumer.consumer import Consumer
+from amqp_consumer.dispatch import ACK, NOT_RUN, REJECT, REQUEUE, classify, halt
+from amqp_consumer.message import Message
+from amqp_consumer.metrics import Metrics
+from amqp_consumer.outcomes import HaltConsumer, Nack
+from amqp_consumer.state import State
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+        self.is_open = True
+
+    def ack(self, tag: int, multiple: bool = False) -> None:
+        self.sent.append(("ack", tag, multiple))
+
+    def nack(self, tag: int, requeue: bool = True) -> None:
+        self.sent.append(("nack", tag, requeue))
+
+    def reject(self, tag: int, requeue: bool = False) -> None:
+        self.sent.append(("reject", tag, requeue))
+
+
+@pytest.fixture
+def consumer(tmp_path: Path):
+    p = tmp_path / "c.toml"
+    p.write_text('[[queues]]\nname="q"\n[consumer]\ncallback="m:f"\ndrain_timeout = 30\n[health]\nlisten=""\n')
+    config = load(p)
+    reactor = MemoryReactorClock()
+    halts: list[int] = []
+    c = Consumer(reactor, config, lambda m: None, State(reactor.seconds, ("q",)), Metrics(["q"]), halts.append, lambda code, why: None)
+    c.halts = halts  # type: ignore[attr-defined]
+    return reactor, c
+
+
+def deliver(c: Consumer, ch: FakeChannel, tags: list[int]) -> list:
+    c.dispatcher.submit = lambda d: None  # as if running: the test settles them by hand
+    on_delivery = c._make_on_delivery("q")
+    for tag in tags:
+        on_delivery(ch, tag, Message(body=b"{}", queue="q", delivery_tag=tag))
+    return sorted((d for by in c.inflight._by_channel.values() for d in by.values()), key=lambda d: d.tag)
+
+
+def test_acks_of_one_turn_go_out_as_one_multiple_ack(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    ds = deliver(c, ch, [1, 2, 3, 4, 5])
+    c._results(ds, [ACK] * 5)
+    assert ch.sent == []  # nothing before the reactor turns
+    reactor.advance(0)
+    assert ch.sent == [("ack", 5, True)]
+    assert len(c.inflight) == 0
+    assert c.metrics.value("acked", "q") == 5
+
+
+def test_acks_above_an_unfinished_delivery_are_sent_one_by_one(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    ds = deliver(c, ch, [1, 2, 3, 4])
+    c._results([ds[1], ds[2]], [ACK, ACK])  # tag 1 still running: a multiple ack would cover it
+    reactor.advance(0)
+    assert ch.sent == [("ack", 2, False), ("ack", 3, False)]
+    c._results([ds[0]], [ACK])
+    reactor.advance(0)
+    assert ch.sent[-1] == ("ack", 1, True)  # safe: 2 and 3 are already acked, 4 is above
+    c._results([ds[3]], [ACK])
+    reactor.advance(0)
+    assert ch.sent[-1] == ("ack", 4, True)
+
+
+def test_requeue_reject_and_not_run_are_sent_at_once_and_counted(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    ds = deliver(c, ch, [1, 2, 3])
+    c._results(ds, [REQUEUE, REJECT, NOT_RUN])
+    assert ch.sent == [("nack", 1, True), ("reject", 2, False), ("nack", 3, True)]
+    assert (c.metrics.value("requeued", "q"), c.metrics.value("rejected", "q")) == (1, 1)
+
+
+def test_nothing_is_sent_on_a_closed_channel(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    ds = deliver(c, ch, [1, 2])
+    ch.is_open = False
+    c._results(ds, [ACK, REQUEUE])
+    reactor.advance(0)
+    assert ch.sent == []
+    assert len(c.inflight) == 0
+
+
+def test_halt_acks_its_message_and_asks_to_stop(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    ds = deliver(c, ch, [7])
+    c._results(ds, [halt(HaltConsumer(exit_code=4))])
+    reactor.advance(0)
+    assert ch.sent == [("ack", 7, True)]
+    assert c.halts == [4] and c.state.readiness() == (False, "halted")
+
+
+def test_classify_maps_exceptions_to_outcomes():
+    assert classify(Nack()) == REQUEUE
+    kind, error, detail = classify(ValueError("boom"))
+    assert kind == "quarantine" and "ValueError: boom" in detail
+
+
+def test_channel_retry_delay_grows_and_is_capped(consumer):
+    _, c = consumer
+    delays = [c._next_retry_delay() for _ in range(12)]
+    assert delays[0] <= 1.2 and delays[3] > delays[0]
+    assert max(delays) <= 60 * 1.2
+
+
+def test_drain_waits_for_in_flight_then_gives_up_after_drain_timeout(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    c.startService()
+    ds = deliver(c, ch, [1, 2])
+    stopping = c.stopService()
+    assert not stopping.called  # draining: two deliveries in flight
+    assert c.state.readiness() == (False, "draining")
+    c._results([ds[0]], [ACK])  # one finishes during the drain and is acked
+    reactor.advance(29.9)
+    assert not stopping.called
+    reactor.advance(0.2)  # drain_timeout (30 s) is over
+    assert stopping.called
+    assert ("ack", 1, True) in ch.sent and all(s[1] != 2 for s in ch.sent)  # the unfinished one is left to the broker
+
+
+def test_drain_ends_as_soon_as_in_flight_work_is_done(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    c.startService()
+    ds = deliver(c, ch, [1])
+    stopping = c.stopService()
+    c._results(ds, [ACK])
+    assert stopping.called
+    assert ch.sent == [("ack", 1, True)]  # flushed before closing, not left for the next turn
+
+
+def test_second_stop_request_skips_the_wait(consumer):
+    reactor, c = consumer
+    c.startService()
+    deliver(c, FakeChannel(), [1])
+    stopping = c.stopService()
+    c.skip_drain()
+    assert stopping.called
+
+
+def test_prefetched_deliveries_that_never_started_go_back_at_once_on_stop(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    c.startService()
+    on_delivery = c._make_on_delivery("q")
+    for tag in (1, 2):
+        on_delivery(ch, tag, Message(body=b"{}", queue="q", delivery_tag=tag))  # pending in the dispatcher
+    stopping = c.stopService()
+    assert stopping.called
+    assert ch.sent == [("nack", 1, True), ("nack", 2, True)]
