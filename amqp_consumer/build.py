@@ -1,10 +1,16 @@
-"""Assemble the daemon for a reactor: the consumer, health, manhole and systemd notifier."""
+"""Assemble the daemon for a reactor: the consumer, health, manhole and systemd notifier.
+
+Start order is the order below: the consumer starts connecting, then the
+listeners, then systemd hears READY=1 (not gated on the broker). On stop the
+Daemon drains the consumer first while health keeps answering ("draining").
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from amqp_consumer.config import Config
+from amqp_consumer import exitcodes, health, manhole, systemd
+from amqp_consumer.config import Config, ConfigError
 from amqp_consumer.daemon import Daemon
 from amqp_consumer.lifecycle import Lifecycle
 from amqp_consumer.message import Message
@@ -14,5 +20,15 @@ def build(reactor: Any, config: Config, callback: Callable[[Message], Any], life
     lifecycle = lifecycle or Lifecycle(reactor)
     daemon = Daemon(reactor, config, callback, on_exit=lifecycle.stop)
     lifecycle.on_second_signal = daemon.consumer.skip_drain
+    if config.health.listen:
+        health.service(reactor, daemon, config.health.listen).setServiceParent(daemon)
+    if config.manhole.listen:
+        try:
+            manhole.service(reactor, daemon, config.manhole).setServiceParent(daemon)
+        except ConfigError as e:
+            daemon._fatal(exitcodes.CONFIG, f"config error: {e}")
+    notifier = systemd.service(reactor, daemon.state)
+    if notifier is not None:
+        notifier.setServiceParent(daemon)
     reactor.callWhenRunning(lifecycle.install_signal_handlers)
     return daemon

@@ -403,9 +403,8 @@ class Channel:
                     "queue_bind", queue=names[b.queue], exchange=b.exchange, routing_key=key, arguments=dict(b.arguments)
                 )
         for q in config.consumed_queues:
-            real = names.get(q, q)
-            names.setdefault(q, real)
-            await self._call("queue_declare", queue=quarantine_queue(real), durable=True)
+            names.setdefault(q, q)
+            await self._call("queue_declare", queue=quarantine_queue(q), durable=True)
         return names
 
     async def qos(self, prefetch: int) -> None:
@@ -490,8 +489,10 @@ class Channel:
             await closed
 
 
-def quarantine_queue(queue: str) -> str:
-    return f"{queue}.quarantine"
+def quarantine_queue(configured: str) -> str:
+    """Named after the configured queue; a server-named queue's name changes on every
+    connection, so its quarantine is the stable 'amqp-consumer.quarantine'."""
+    return f"{configured or 'amqp-consumer'}.quarantine"
 
 
 def message_properties(message: Message) -> dict[str, Any]:

@@ -44,6 +44,10 @@ def queue_label(configured: str) -> str:
     return configured or "(server-named)"
 
 
+def configured_name(label: str) -> str:
+    return "" if label == "(server-named)" else label
+
+
 class Delivery:
     __slots__ = ("channel", "tag", "message", "label", "received", "started", "finished")
 
@@ -485,7 +489,7 @@ class Consumer(Service):
             }
         )
         published = defer.ensureDeferred(
-            self.publisher.publish("", quarantine_queue(queue), msg.raw_body, props, mandatory=True)
+            self.publisher.publish("", quarantine_queue(configured_name(d.label)), msg.raw_body, props, mandatory=True)
         )
 
         def ok(_: Any) -> None:

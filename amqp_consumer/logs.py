@@ -60,10 +60,16 @@ class LineObserver:
         namespace = event.get("log_namespace", "-")
         text = formatEvent(event)
         failure = event.get("log_failure")
-        if failure is not None and _is_handshake_noise(failure):
+        # twisted.python.log.err() events carry "failure" instead, and their text
+        # already holds the traceback.
+        any_failure = failure if failure is not None else (event.get("failure") if event.get("isError") else None)
+        if any_failure is not None and _is_handshake_noise(any_failure):
             level, text, failure = LogLevel.warn, "connection dropped during the AMQP handshake; retrying", None
         if failure is not None:
             text = f"{text}\n{failure.getTraceback().rstrip()}" if text else failure.getTraceback().rstrip()
+        message_id = event.get("message_id")
+        if message_id is not None and not self._json and "{message_id" not in (event.get("log_format") or ""):
+            text = f"{text} (message id {message_id})"
         text = redact_text(text)
         if self._json:
             record: dict[str, Any] = {

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+# No "<name>_created" series next to every counter and histogram: they double
+# the exposition and say nothing the process start time does not.
+if hasattr(prometheus_client, "disable_created_metrics"):
+    prometheus_client.disable_created_metrics()
 
 OUTCOMES = ("received", "acked", "requeued", "rejected", "quarantined")
 
@@ -53,6 +59,7 @@ class Metrics:
         self.state_info = Gauge(
             "amqp_consumer_connection_state", "1 for the current connection state", ["state"], registry=self.registry
         )
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, open fds, start time
         self.counters: dict[str, dict[str, Any]] = {o: {} for o in OUTCOMES}
         for q in queues:
             self.bind_queue(q)

@@ -45,10 +45,12 @@ class State:
         self.connection_detail = detail
         if broker is not None:
             self.broker = broker
-        if state != "connected":
-            for q in self.consuming:
+        for q in self.consuming:
+            if state != "connected":
                 self.consuming[q] = False
                 self.queue_reason[q] = state
+            elif not self.consuming[q]:
+                self.queue_reason[q] = "connected, not consuming yet"
         self._changed()
 
     def set_consuming(self, queue: str, consuming: bool, reason: str = "") -> None:

@@ -93,3 +93,54 @@ def test_heartbeats_flow_while_a_sync_callback_runs_long(tmp_path: Path, broker:
     wait_until(lambda: broker.counts(queue) == (0, 1), 10, what="acked on the same connection")
     assert "lost" not in d.output and "heartbeat" not in d.output
     assert d.stop() == 0
+
+
+def test_server_named_queue_bindings_follow_its_new_name_after_reconnect(tmp_path: Path, broker: Broker, out_file, daemons):
+    from tests.support.tcpproxy import TCPProxy
+
+    exchange = unique("x")
+    text = f"""
+[amqp]
+urls = ["amqp://guest:guest@127.0.0.1:{{port}}/%2F"]
+reconnect_min_delay = 0.2
+reconnect_max_delay = 1.0
+
+[[exchanges]]
+name = "{exchange}"
+type = "topic"
+durable = false
+auto_delete = true
+
+[[queues]]
+name = ""
+durable = false
+exclusive = true
+
+[[bindings]]
+queue = ""
+exchange = "{exchange}"
+routing_keys = ["a.*", "b.#"]
+
+[consumer]
+callback = "testcb:record"
+
+[health]
+listen = ""
+"""
+    with TCPProxy(5672) as proxy:
+        d = DaemonProcess(tmp_path / "d", text.replace("{port}", str(proxy.port)), env=env_for(TEST_OUT=str(out_file)))
+        d.start()
+        daemons.append(d)
+        first = d.wait_for_log(r"consuming from '(amq\.gen-[^']+)'").group(1)
+        ch = broker.channel()
+        ch.basic_publish(exchange, "a.one", b"1")
+        wait_until(lambda: len(read_rows(out_file)) == 1, 20, what="first message")
+        proxy.cut()
+        d.wait_for_log(r"(?s)connection to .* lost")
+        second = d.wait_for_log(rf"consuming from '(amq\.gen-(?!{first[8:]})[^']+)'").group(1)
+        assert second != first
+        ch.basic_publish(exchange, "b.x.y", b"2")
+        wait_until(lambda: len(read_rows(out_file)) == 2, 20, what="message through the re-made bindings")
+        assert [r["queue"] for r in read_rows(out_file)] == [first, second]
+        assert d.stop() == 0
+    broker.delete("amqp-consumer.quarantine")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
 import ssl
 import uuid
 from collections.abc import Iterator
@@ -171,7 +172,17 @@ def test_durable_message_survives_kill(node: RabbitNode) -> None:
 
     node.restart()
     assert node.is_running()
-    assert node.queue_depth(queue) == 1
+
+    def depth() -> int:
+        try:
+            return node.queue_depth(queue)
+        except KeyError:  # durable queues are recovered just after boot
+            return -1
+
+    deadline = time.monotonic() + 20
+    while depth() != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert depth() == 1
     connection = _connect(node.url)
     try:
         channel = connection.channel()
