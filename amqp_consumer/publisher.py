@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from amqp_consumer.connection import Channel, PublishFailed, Session
 
@@ -17,7 +20,7 @@ class Publisher:
     def __init__(self) -> None:
         self._session: Session | None = None
         self._channel: Channel | None = None
-        self._opening: Any = None
+        self._waiters: list[Deferred] = []
 
     def attach(self, session: Session | None) -> None:
         """Use this connection from now on (None: disconnected)."""
@@ -31,11 +34,27 @@ class Publisher:
         ch = self._channel
         if ch is not None and ch.is_open:
             return ch
+        # One channel for every publish waiting on it, not one each.
+        waiting: Deferred = Deferred()
+        self._waiters.append(waiting)
+        if len(self._waiters) == 1:
+            defer.ensureDeferred(self._open(session)).addBoth(self._opened)
+        return await waiting
+
+    async def _open(self, session: Session) -> Channel:
         ch = await session.channel()
         await ch.enable_confirms()
         if self._session is session:
             self._channel = ch
         return ch
+
+    def _opened(self, result: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(result)
 
     async def publish(
         self, exchange: str, routing_key: str, body: bytes, properties: Mapping[str, Any], mandatory: bool = True

@@ -231,3 +231,46 @@ def test_second_sigterm_skips_the_drain(tmp_path, broker, queue, out_file, daemo
     d.send_signal(signal.SIGTERM)
     assert d.wait(20) == 0
     assert broker.depth(queue) == 1  # unfinished: back in the queue
+
+
+def test_many_failures_at_once_all_reach_quarantine(tmp_path, broker, queue, out_file, daemons):
+    broker.declare(queue)
+    poison = broker.publish_json(queue, [{"do": "raise", "what": i} for i in range(40)])
+    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    daemons.append(d)
+    wait_until(lambda: broker.depth(queue + ".quarantine") == 40, 30, what="40 quarantined")
+    wait_until(lambda: broker.depth(queue) == 0, 10, what="originals acked")
+    assert sorted(p.message_id for p, _ in broker.get_all(queue + ".quarantine")) == sorted(poison)
+    assert d.stop() == 0
+
+
+def test_urls_are_tried_in_order_the_next_on_failure(tmp_path, broker, queue, out_file, daemons):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    text = config(queue, "testcb:record").replace(
+        'urls = ["amqp://guest:guest@127.0.0.1:5672/%2F"]',
+        f'urls = ["amqp://guest:secret1@127.0.0.1:{dead}/%2F", "amqp://guest:guest@127.0.0.1:5672/%2F"]\nreconnect_min_delay = 0.1',
+    )
+    broker.declare(queue)
+    d = start(tmp_path, text, out_file)
+    daemons.append(d)
+    assert f"cannot connect to amqp://guest:***@127.0.0.1:{dead}/%2F" in d.output
+    assert "connected to amqp://guest:***@127.0.0.1:5672/%2F" in d.output
+    assert "secret1" not in d.output
+    assert d.stop() == 0
+
+
+def test_twistd_lists_the_plugin(tmp_path):
+    import subprocess
+
+    from tests.support.daemonproc import TWISTD
+
+    result = subprocess.run([TWISTD, "--help"], env=env_for(), capture_output=True, text=True, timeout=60)
+    assert "amqp-consumer" in result.stdout
+    sub = subprocess.run([TWISTD, "amqp-consumer", "--help"], env=env_for(), capture_output=True, text=True, timeout=60)
+    for option in ("--config=", "--callback=", "--check"):
+        assert option in sub.stdout
