@@ -78,3 +78,13 @@ async def until(reactor, predicate, timeout: float = 20.0, what: str = "conditio
         if reactor.seconds() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await task.deferLater(reactor, 0.05, lambda: None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tag tests that need a broker, so packagers can run the rest (-m 'not broker and not broker_node')."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        if names & {"broker", "queue", "private_node", "running_node", "tls_node"}:
+            item.add_marker("broker")
+        elif item.module.__name__ in ("tests.test_consume", "tests.test_recovery", "tests.test_tls"):
+            item.add_marker("broker")

@@ -144,3 +144,39 @@ listen = ""
         assert [r["queue"] for r in read_rows(out_file)] == [first, second]
         assert d.stop() == 0
     broker.delete("amqp-consumer.quarantine")
+
+
+def test_topology_refused_by_the_broker_is_explained_and_retried_with_backoff(tmp_path: Path, broker: Broker, queue, out_file, daemons):
+    broker.declare(queue, arguments={"x-max-length": 5})  # exists with other arguments than the config's
+    d = DaemonProcess(tmp_path / "d", cfg(broker.url, queue), env=env_for(TEST_OUT=str(out_file)))
+    d.start()
+    daemons.append(d)
+    d.wait_for_log(r"declaring the topology failed: 406 PRECONDITION_FAILED .*x-max-length.*make \[\[exchanges\]\]/\[\[queues\]\] match")
+    d.wait_for_log(r"(?s)(opening a new channel in [0-9.]+ s.*){3}", timeout=30)
+    delays = [float(x) for x in __import__("re").findall(r"opening a new channel in ([0-9.]+) s", d.output)]
+    assert delays[2] > delays[0]  # backing off, not a hot loop
+    assert "Traceback" not in d.output
+    broker.delete(queue)  # the operator fixes the broker side; no restart needed
+    d.wait_for_log("consuming from", timeout=30)
+    ids = broker.publish_json(queue, [{"n": 1}])
+    wait_until(lambda: [r["id"] for r in read_rows(out_file)] == ids, 20, what="consumed after the fix")
+    assert d.stop() == 0
+
+
+def test_stalled_connection_is_detected_by_heartbeat_and_replaced(tmp_path: Path, broker: Broker, queue, out_file, daemons):
+    from tests.support.tcpproxy import TCPProxy
+
+    broker.declare(queue)
+    with TCPProxy(5672) as proxy:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
+        d = DaemonProcess(tmp_path / "d", cfg(url, queue, heartbeat=1), env=env_for(TEST_OUT=str(out_file)))
+        d.start()
+        daemons.append(d)
+        d.wait_for_log("consuming from")
+        proxy.stall()  # a partition: nothing flows, nothing is closed
+        d.wait_for_log(r"connection to .* lost", timeout=20)
+        proxy.resume()
+        d.wait_for_log(r"(?s)lost.*consuming from", timeout=30)
+        ids = broker.publish_json(queue, [{"n": 1}])
+        wait_until(lambda: [r["id"] for r in read_rows(out_file)] == ids, 20, what="consumed after the partition")
+        assert d.stop() == 0
