@@ -71,7 +71,7 @@ name=$(rpmspec -q --srpm --qf '%{name}\n' "${topdir[@]}" "$spec")
 
 # --- 2 ------------------------------------------------------------------------
 step "sdist and SRPM"
-if ! "$PYTHON" -c 'import build' 2>/dev/null; then
+if ! "$PYTHON" -c 'import build.__main__' 2>/dev/null; then
     echo "  installing the 'build' module into $PYTHON's environment"
     "$PYTHON" -m pip install -q --disable-pip-version-check build
 fi
