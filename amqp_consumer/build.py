@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from amqp_consumer import exitcodes, health, manhole, systemd
+from amqp_consumer import exitcodes, health, systemd
 from amqp_consumer.config import Config, ConfigError
 from amqp_consumer.daemon import Daemon
 from amqp_consumer.lifecycle import Lifecycle
@@ -23,10 +23,12 @@ def build(reactor: Any, config: Config, callback: Callable[[Message], Any], life
     if config.health.listen:
         health.service(reactor, daemon, config.health.listen).setServiceParent(daemon)
     if config.manhole.listen:
+        from amqp_consumer import manhole  # Conch is a heavy import: only when asked for
+
         try:
             manhole.service(reactor, daemon, config.manhole).setServiceParent(daemon)
         except ConfigError as e:
-            daemon._fatal(exitcodes.CONFIG, f"config error: {e}")
+            daemon.fatal(exitcodes.CONFIG, f"config error: {e}")
     notifier = systemd.service(reactor, daemon.state)
     if notifier is not None:
         notifier.setServiceParent(daemon)

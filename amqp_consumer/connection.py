@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -103,12 +103,26 @@ def _tls_or_plain_text(error: Any) -> str:
 
 
 class _Protocol(TwistedProtocolConnection):
-    """Keep pika's real handshake error instead of its generic AMQPConnectionError."""
+    """Keep the broker's real reason instead of pika's generic errors."""
+
+    _broker_close: Exception | None = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        # pika's adapter replaces the reason the broker gave in Connection.Close
+        # (403 ACCESS_REFUSED for a wrong password, 530 for a vhost) with
+        # ConnectionDone once the socket closes; keep the broker's reason.
+        pending = getattr(self._impl, "_error", None)
+        if isinstance(pending, pika_exc.ConnectionClosedByBroker):
+            self._broker_close = pending
+        super().connectionLost(reason)
 
     def _on_connection_failed(self, _connection: Any, error: Exception | None = None) -> None:
         d, self.ready = self.ready, None
         if d:
-            d.errback(error or pika_exc.AMQPConnectionError("handshake failed"))
+            d.errback(self._broker_close or error or pika_exc.AMQPConnectionError("handshake failed"))
+
+    def _on_connection_closed(self, connection: Any, exception: Exception) -> None:
+        super()._on_connection_closed(connection, self._broker_close or exception)
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ class Daemon(MultiService):
         self.on_exit = on_exit
         self.state = State(reactor.seconds, config.consumed_queues)
         self.metrics = Metrics(queue_label(q) for q in config.consumed_queues)
-        self.consumer = Consumer(reactor, config, callback, self.state, self.metrics, on_exit, self._fatal)
+        self.consumer = Consumer(reactor, config, callback, self.state, self.metrics, on_exit, self.fatal)
         self.consumer.setServiceParent(self)
         self.fatal_code: int | None = None
 
-    def _fatal(self, code: int, why: str) -> None:
+    def fatal(self, code: int, why: str) -> None:
+        """Stop with exit status code; the first reason wins and is logged once."""
         if self.fatal_code is None:
             self.fatal_code = code
             log.critical("stopping: {why} (exit status {code})", why=why, code=code)

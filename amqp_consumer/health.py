@@ -14,7 +14,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.web.resource import Resource
+from twisted.web import pages
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from amqp_consumer import __version__
@@ -125,10 +126,10 @@ class Root(Resource):
         self.putChild(b"metrics", MetricsPage(daemon))
         self.putChild(b"status", Status(daemon))
 
-    def getChild(self, path: bytes, request: Request) -> Resource:
+    def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
             return self._index
-        return super().getChild(path, request)
+        return pages.notFound("No such resource", "Try /live, /ready, /metrics or /status.")
 
 
 class QuietSite(Site):
@@ -152,6 +153,6 @@ def service(reactor: Any, daemon: Daemon, description: str) -> Listener:
         "health",
         description,
         make_site(daemon),
-        on_error=daemon._fatal,
+        on_error=daemon.fatal,
         announce=lambda address: f"serving /live /ready /metrics /status on http://{address}/",
     )

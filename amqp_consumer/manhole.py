@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import InMemorySSHKeyDB, SSHPublicKeyChecker, readAuthorizedKeyFile
+from twisted.conch.error import ValidPublicKey
 from twisted.conch.insults import insults
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import keys
@@ -96,11 +97,16 @@ def _create_host_key(path: str) -> keys.Key:
             pass
         raise ConfigError("manhole.host_key", f"cannot create {path!r}: {_why(e)}") from None
     log.info(
-        "manhole: generated a new ed25519 host key in {path} (SHA256:{fingerprint})",
+        "manhole: generated a new ed25519 host key in {path} ({fingerprint})",
         path=path,
-        fingerprint=key.fingerprint(keys.FingerprintFormats.SHA256_BASE64),
+        fingerprint=fingerprint_of(key),
     )
     return key
+
+
+def fingerprint_of(key: keys.Key) -> str:
+    """SHA256:... as `ssh-keygen -l` prints it."""
+    return "SHA256:" + key.fingerprint(keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
 
 
 def _why(e: BaseException) -> str:
@@ -143,13 +149,15 @@ class KeyChecker(SSHPublicKeyChecker):
         d = super().requestAvatarId(credentials)
 
         def refused(failure: Any) -> Any:
-            if failure.check(UnauthorizedLogin):
+            # ValidPublicKey (an UnauthorizedLogin) only answers a client asking
+            # "would you take this key?" before it signs: not a refusal.
+            if failure.check(UnauthorizedLogin) and not failure.check(ValidPublicKey):
                 try:
-                    fingerprint = keys.Key.fromString(credentials.blob).fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+                    fingerprint = fingerprint_of(keys.Key.fromString(credentials.blob))
                 except Exception:
                     fingerprint = "(unreadable key)"
                 log.warn(
-                    "manhole: refused {user}: key SHA256:{fingerprint} is not in the authorized keys",
+                    "manhole: refused {user}: key {fingerprint} is not in the authorized keys",
                     user=credentials.username.decode("utf-8", "replace"),
                     fingerprint=fingerprint,
                 )
@@ -344,15 +352,15 @@ def service(reactor: Any, daemon: Daemon, config: ManholeConfig) -> Listener:
         log.warn("manhole: {path} holds no usable key; nobody can log in", path=config.authorized_keys)
     key_path = host_key_path(config.host_key)
     host_key = load_or_create_host_key(key_path)
-    fingerprint = host_key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)
+    fingerprint = fingerprint_of(host_key)
     return Listener(
         reactor,
         "manhole",
         config.listen,
         make_factory(daemon, authorized, host_key),
-        on_error=daemon._fatal,
+        on_error=daemon.fatal,
         announce=lambda address: (
             f"SSH manhole on {address}, {len(authorized)} key(s) from {config.authorized_keys}, "
-            f"host key SHA256:{fingerprint}"
+            f"host key {fingerprint}"
         ),
     )

@@ -1,0 +1,251 @@
+"""Logs (stdout, one line per event, text or JSON, pika included, quiet per message) and exit statuses.
+
+Exit statuses (see amqp_consumer/exitcodes.py): 0 clean stop, HaltConsumer's
+code, 70 the consumer failed unrecoverably, 77 the broker refused our
+credentials or permissions, 78 bad configuration.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from twisted.logger import Logger, globalLogPublisher
+from twisted.python import log as legacy_log
+from twisted.python.failure import Failure
+
+from amqp_consumer import exitcodes, logs
+from tests.support.broker import Broker
+from tests.support.daemonproc import DaemonProcess, run_check
+from tests.support.ops import HEALTH_ANYWHERE, health_port, http_json, poll
+
+PASSWORD = "wrong-pw-31337"
+LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+
+
+# --- the observer -----------------------------------------------------------------------------
+
+
+def observer(**settings: Any) -> tuple[Any, io.StringIO]:
+    stream = io.StringIO()
+    settings.setdefault("timestamps", False)
+    return logs.make_observer(logs.LogSettings(**settings), stream), stream
+
+
+@pytest.fixture
+def stdlib_logging() -> Iterator[None]:
+    """make_observer() wires stdlib logging (pika) into Twisted's; undo it after the test."""
+    root = logging.getLogger()
+    pika = logging.getLogger("pika")
+    saved = (list(root.handlers), root.level, pika.level)
+    yield
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+    pika.setLevel(saved[2])
+
+
+def test_text_lines_have_level_logger_and_message(stdlib_logging) -> None:
+    obs, out = observer()
+    log = Logger(namespace="amqp_consumer.consumer", observer=obs)
+    log.info("consuming from {queue!r}", queue="q")
+    log.warn("the broker closed our channel")
+    log.debug("not shown at info")
+    assert out.getvalue().splitlines() == [
+        "INFO amqp_consumer.consumer: consuming from 'q'",
+        "WARNING amqp_consumer.consumer: the broker closed our channel",
+    ]
+
+
+def test_text_lines_carry_the_message_id(stdlib_logging) -> None:
+    obs, out = observer()
+    log = Logger(namespace="amqp_consumer.consumer", observer=obs)
+    log.error("message {message_id} goes to quarantine", message_id="m-1")
+    log.error("something about a message", message_id="m-2")
+    assert out.getvalue().splitlines() == [
+        "ERROR amqp_consumer.consumer: message m-1 goes to quarantine",
+        "ERROR amqp_consumer.consumer: something about a message (message id m-2)",
+    ]
+
+
+def test_json_is_one_object_per_line(stdlib_logging) -> None:
+    obs, out = observer(format="json")
+    log = Logger(namespace="amqp_consumer.consumer", observer=obs)
+    log.error("message {message_id} goes to quarantine:\n{detail}", message_id="m-1", detail="Traceback ...")
+    log.info("connected")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["level"] == "ERROR" and first["logger"] == "amqp_consumer.consumer"
+    assert first["message_id"] == "m-1" and first["message"].startswith("message m-1 goes to quarantine:\nTraceback")
+    assert re.match(r"\d{4}-\d\d-\d\dT", first["time"])
+    assert second == {**second, "level": "INFO", "message": "connected"} and "message_id" not in second
+
+
+def test_level_setting_filters(stdlib_logging) -> None:
+    obs, out = observer(level="warn")
+    log = Logger(namespace="x", observer=obs)
+    log.info("quiet")
+    log.warn("loud")
+    assert out.getvalue() == "WARNING x: loud\n"
+
+
+def test_urls_are_redacted_in_any_line(stdlib_logging) -> None:
+    obs, out = observer()
+    Logger(namespace="x", observer=obs).warn("cannot reach {url}", url=f"amqp://user:{PASSWORD}@h:5672/%2F")
+    assert PASSWORD not in out.getvalue() and "amqp://user:***@h:5672/%2F" in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "pika_level, shown",
+    [("warn", ["WARNING pika.connection: careful"]), ("debug", ["INFO pika.connection: chatty", "WARNING pika.connection: careful"])],
+)
+def test_pika_logging_goes_to_the_same_stream(stdlib_logging, pika_level: str, shown: list[str]) -> None:
+    obs, out = observer(level="debug", pika_level=pika_level)
+    globalLogPublisher.addObserver(obs)
+    try:
+        logging.getLogger("pika.connection").info("chatty")
+        logging.getLogger("pika.connection").warning("careful")
+    finally:
+        globalLogPublisher.removeObserver(obs)
+    assert out.getvalue().splitlines() == shown
+
+
+def test_handshake_noise_from_legacy_log_err_is_one_warning(stdlib_logging) -> None:
+    from automat import NoTransition
+
+    obs, out = observer()
+    globalLogPublisher.addObserver(obs)
+    try:
+        legacy_log.err(Failure(NoTransition("Waiting", "_clientDisconnected")), "Unhandled Error")
+    finally:
+        globalLogPublisher.removeObserver(obs)
+    assert out.getvalue() == "WARNING log_legacy: connection dropped during the AMQP handshake; retrying\n"
+
+
+# --- the daemon ------------------------------------------------------------------------------------
+
+
+def config(queue: str, callback: str = "opscb:ack", url: str = "amqp://guest:guest@127.0.0.1:5672/%2F", extra: str = "") -> str:
+    return f"""
+[amqp]
+urls = ["{url}"]
+reconnect_min_delay = 0.2
+reconnect_max_delay = 1.0
+
+[[queues]]
+name = "{queue}"
+
+[consumer]
+callback = "{callback}"
+
+[health]
+listen = "{HEALTH_ANYWHERE}"
+{extra}
+"""
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for d in started:
+        d.kill()
+
+
+def start(tmp_path: Path, text: str, daemons: list[DaemonProcess]) -> DaemonProcess:
+    d = DaemonProcess(tmp_path / "d", text)
+    d.start()
+    daemons.append(d)
+    return d
+
+
+def test_text_logs_on_stdout_nothing_per_message_and_sigterm_exits_0(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+    broker.declare(queue)
+    d = start(tmp_path, config(queue), daemons)
+    port = health_port(d)
+    d.wait_for_log("consuming from")
+    before = len(d.output.splitlines())
+    ids = broker.publish_json(queue, [{"n": i} for i in range(50)])
+    poll(lambda: http_json(port, "/status")[1]["messages"][queue]["acked"] == 50, 15, "50 messages acked")
+    assert len(d.output.splitlines()) == before, "lines logged per message:\n" + d.output
+    assert d.stop() == 0
+    out = d.output
+    assert not any(i in out for i in ids)
+    lines = [line for line in out.splitlines() if line]
+    assert lines and all(LINE.match(line) for line in lines), out
+    assert "guest:guest" not in out
+
+
+def test_logs_go_to_stdout_and_nothing_to_stderr(tmp_path: Path, broker: Broker, queue: str) -> None:
+    broker.declare(queue)
+    d = DaemonProcess(tmp_path / "d", config(queue).replace(HEALTH_ANYWHERE, ""))
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(d.command(), cwd=d.workdir, env=d.env, stdout=o, stderr=e)
+    try:
+        poll(lambda: "consuming from" in out.read_text(), 15, "the daemon consuming")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert err.read_text() == ""
+    assert "INFO amqp_consumer.lifecycle: SIGTERM received" in out.read_text()
+
+
+def test_json_logs_with_the_message_id_of_a_quarantined_message(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+    broker.declare(queue)
+    d = start(tmp_path, config(queue, "opscb:explode", extra='[logging]\nformat = "json"\n'), daemons)
+    d.wait_for_log("consuming from")
+    broker.publish_raw(queue, b"bad", message_id="poison-1")
+    d.wait_for_log("poison-1")
+    assert d.stop() == 0
+    records = [json.loads(line) for line in d.output.splitlines() if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    quarantined = [r for r in records if r.get("message_id") == "poison-1"]
+    assert len(quarantined) == 1
+    assert quarantined[0]["level"] == "ERROR" and quarantined[0]["logger"] == "amqp_consumer.consumer"
+    assert "ValueError: cannot handle this message" in quarantined[0]["message"]
+    broker.delete(queue + ".quarantine")
+
+
+def test_halt_consumer_exits_with_its_code(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+    broker.declare(queue)
+    d = start(tmp_path, config(queue, "opscb:halt"), daemons)
+    d.wait_for_log("consuming from")
+    broker.publish_raw(queue, b"5")
+    assert d.wait(20) == 5
+
+
+def test_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
+    result = run_check(config("q", extra='[logging]\nformat = "xml"\n'), tmp_path)
+    assert result.returncode == exitcodes.CONFIG == 78
+    assert result.stdout == ""
+    assert re.fullmatch(r"amqp-consumer: config error: \S+daemon\.toml: logging\.format: expected one of 'text', 'json'.*\n", result.stderr)
+
+
+def test_callback_constructor_failure_exits_70_with_one_line(tmp_path: Path) -> None:
+    result = run_check(config("q", "opscb:BrokenInit"), tmp_path)
+    assert result.returncode == exitcodes.SOFTWARE == 70
+    assert result.stderr.strip().splitlines() == [
+        "amqp-consumer: the callback could not start: opscb.BrokenInit() raised RuntimeError: the database is unreachable"
+    ]
+
+
+def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, queue: str, daemons) -> None:
+    d = start(tmp_path, config(queue, url=f"amqp://guest:{PASSWORD}@127.0.0.1:5672/%2F"), daemons)
+    status = d.wait(8)  # it takes well under a second
+    out = d.output
+    assert status == exitcodes.NOPERM == 77, out
+    assert PASSWORD not in out
+    assert "Traceback" not in out
+    reasons = [line for line in out.splitlines() if " CRITICAL " in line]
+    assert len(reasons) == 1 and "refused" in reasons[0] and "(exit status 77)" in reasons[0], out
