@@ -88,3 +88,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("broker")
         elif item.module.__name__ in ("tests.test_consume", "tests.test_recovery", "tests.test_tls"):
             item.add_marker("broker")
+
+
+@pytest.fixture
+def daemons():
+    """Daemon subprocesses a test started; killed at teardown whatever happened."""
+    started: list = []
+    yield started
+    for d in started:
+        d.kill()

@@ -8,30 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Broker, read_rows, unique
-from tests.support.daemonproc import DaemonProcess, env_for, wait_until
+from tests.support.daemonproc import DaemonProcess, daemon_config, env_for, wait_until
 
 
 def config(queue: str, callback: str, *, workers: int = 1, prefetch: int = 100, drain: float = 30.0,
            queue_args: str = "{}", extra: str = "") -> str:
-    return f"""
-[amqp]
-urls = ["amqp://guest:guest@127.0.0.1:5672/%2F"]
-heartbeat = 10
-
-[[queues]]
-name = "{queue}"
-arguments = {queue_args}
-
-[consumer]
-callback = "{callback}"
-prefetch = {prefetch}
-workers = {workers}
-drain_timeout = {drain}
-
-[health]
-listen = ""
-{extra}
-"""
+    return daemon_config(queue, callback, workers=workers, prefetch=prefetch, drain=drain, queue_args=queue_args, extra=extra)
 
 
 def start(tmp_path: Path, text: str, out_file: Path, args: list[str] | None = None) -> DaemonProcess:
@@ -40,13 +22,6 @@ def start(tmp_path: Path, text: str, out_file: Path, args: list[str] | None = No
     d.wait_for_log(r"consuming from")
     return d
 
-
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def test_every_message_processed_once_and_sigterm_exits_0(tmp_path, broker: Broker, queue, out_file, daemons):
@@ -253,7 +228,7 @@ def test_urls_are_tried_in_order_the_next_on_failure(tmp_path, broker, queue, ou
     s.close()  # nothing listens there now
     text = config(queue, "testcb:record").replace(
         'urls = ["amqp://guest:guest@127.0.0.1:5672/%2F"]',
-        f'urls = ["amqp://guest:secret1@127.0.0.1:{dead}/%2F", "amqp://guest:guest@127.0.0.1:5672/%2F"]\nreconnect_min_delay = 0.1',
+        f'urls = ["amqp://guest:secret1@127.0.0.1:{dead}/%2F", "amqp://guest:guest@127.0.0.1:5672/%2F"]',
     )
     broker.declare(queue)
     d = start(tmp_path, text, out_file)

@@ -26,6 +26,7 @@ from amqp_consumer.daemon import Daemon
 from amqp_consumer.message import Message
 from tests.support.broker import Broker
 from tests.support.daemonproc import DaemonProcess, env_for, wait_until
+from tests.support.daemonproc import daemon_config as shared_config
 from tests.support.ops import HEALTH_ANYWHERE, health_port, http, http_json, metric_value, poll
 from tests.support.tcpproxy import TCPProxy
 
@@ -226,32 +227,8 @@ async def test_a_port_in_use_stops_the_daemon_with_78(reactor, served) -> None:
 
 
 def daemon_config(url: str, queue: str, callback: str = "opscb:ack", extra: str = "") -> str:
-    return f"""
-[amqp]
-urls = ["{url}"]
-heartbeat = 5
-reconnect_min_delay = 0.3
-reconnect_max_delay = 1.0
+    return shared_config(queue, callback, url=url, heartbeat=5, reconnect=(0.3, 1.0), drain=20, health=HEALTH_ANYWHERE, extra=extra)
 
-[[queues]]
-name = "{queue}"
-
-[consumer]
-callback = "{callback}"
-drain_timeout = 20
-
-[health]
-listen = "{HEALTH_ANYWHERE}"
-{extra}
-"""
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 @pytest.fixture

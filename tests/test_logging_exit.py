@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from amqp_consumer import exitcodes, logs
 from tests.support.broker import Broker
-from tests.support.daemonproc import DaemonProcess, run_check
+from tests.support.daemonproc import DaemonProcess, daemon_config, run_check
 from tests.support.ops import HEALTH_ANYWHERE, health_port, http_json, poll
 
 PASSWORD = "wrong-pw-31337"
@@ -133,30 +133,8 @@ def test_handshake_noise_from_legacy_log_err_is_one_warning(stdlib_logging) -> N
 
 
 def config(queue: str, callback: str = "opscb:ack", url: str = "amqp://guest:guest@127.0.0.1:5672/%2F", extra: str = "") -> str:
-    return f"""
-[amqp]
-urls = ["{url}"]
-reconnect_min_delay = 0.2
-reconnect_max_delay = 1.0
+    return daemon_config(queue, callback, url=url, health=HEALTH_ANYWHERE, extra=extra)
 
-[[queues]]
-name = "{queue}"
-
-[consumer]
-callback = "{callback}"
-
-[health]
-listen = "{HEALTH_ANYWHERE}"
-{extra}
-"""
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def start(tmp_path: Path, text: str, daemons: list[DaemonProcess]) -> DaemonProcess:

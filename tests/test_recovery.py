@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.support.broker import Broker, read_rows, unique
-from tests.support.daemonproc import DaemonProcess, env_for, wait_until
+from tests.support.daemonproc import DaemonProcess, daemon_config, env_for, wait_until
 
 
 def cfg(url: str, queue: str, callback: str = "testcb:record", heartbeat: int = 10, extra: str = "") -> str:
-    return f"""
-[amqp]
-urls = ["{url}"]
-heartbeat = {heartbeat}
-reconnect_min_delay = 0.2
-reconnect_max_delay = 2.0
+    return daemon_config(queue, callback, url=url, heartbeat=heartbeat, reconnect=(0.2, 2.0), prefetch=50, extra=extra)
 
-[[queues]]
-name = "{queue}"
-
-[consumer]
-callback = "{callback}"
-prefetch = 50
-
-[health]
-listen = ""
-{extra}
-"""
-
-
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 @pytest.mark.broker_node

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterator
+
 
 import pytest
 from twisted.internet.task import Clock
@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from amqp_consumer import systemd
 from amqp_consumer.state import State
 from tests.support.broker import Broker
-from tests.support.daemonproc import DaemonProcess, env_for
+from tests.support.daemonproc import DaemonProcess, daemon_config, env_for
 from tests.support.ops import NotifySocket
 from tests.support.tcpproxy import TCPProxy
 
@@ -162,29 +162,8 @@ def test_stopping_on_stop_without_a_drain() -> None:
 
 
 def config(url: str, queue: str) -> str:
-    return f"""
-[amqp]
-urls = ["{url}"]
-reconnect_min_delay = 0.2
-reconnect_max_delay = 1.0
+    return daemon_config(queue, "opscb:ack", url=url)
 
-[[queues]]
-name = "{queue}"
-
-[consumer]
-callback = "opscb:ack"
-
-[health]
-listen = ""
-"""
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def test_daemon_notifies_ready_watchdog_and_stopping_without_a_broker(tmp_path: Path, daemons) -> None:

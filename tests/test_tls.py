@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import read_rows, unique
-from tests.support.daemonproc import DaemonProcess, env_for, wait_until
+from tests.support.daemonproc import DaemonProcess, daemon_config, env_for, wait_until
 
 pytestmark = pytest.mark.broker_node
 
@@ -29,34 +29,9 @@ def tls_node(tmp_path_factory):
 
 
 def tls_config(url: str, queue: str, ca: Path, extra_amqp: str = "", tls_extra: str = "") -> str:
-    return f"""
-[amqp]
-urls = ["{url}"]
-reconnect_min_delay = 0.5
-reconnect_max_delay = 2.0
-{extra_amqp}
+    tls = f'{extra_amqp}\n\n[amqp.tls]\nca_cert = "{ca}"\n{tls_extra}'
+    return daemon_config(queue, url=url, reconnect=(0.5, 2.0), amqp_extra=tls)
 
-[amqp.tls]
-ca_cert = "{ca}"
-{tls_extra}
-
-[[queues]]
-name = "{queue}"
-
-[consumer]
-callback = "testcb:record"
-
-[health]
-listen = ""
-"""
-
-
-@pytest.fixture
-def daemons():
-    started: list[DaemonProcess] = []
-    yield started
-    for d in started:
-        d.kill()
 
 
 def run(tmp_path: Path, text: str, out_file: Path, daemons: list) -> DaemonProcess:

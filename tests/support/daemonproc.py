@@ -123,3 +123,43 @@ def run_check(config_text: str, workdir: Path, args: list[str] | None = None, ti
     """Run the daemon on a config that must fail (or pass) before connecting: exit code and output."""
     d = DaemonProcess(workdir, config_text, args)
     return subprocess.run(d.command(), cwd=workdir, env=d.env, capture_output=True, text=True, timeout=timeout)
+
+
+def daemon_config(
+    queue: str,
+    callback: str = "testcb:record",
+    *,
+    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F",
+    heartbeat: int = 10,
+    reconnect: tuple[float, float] = (0.2, 1.0),
+    workers: int = 1,
+    prefetch: int = 100,
+    drain: float = 30.0,
+    queue_args: str = "{}",
+    health: str = "",
+    amqp_extra: str = "",
+    extra: str = "",
+) -> str:
+    """A config with one queue, fast reconnects and health off unless asked; `extra` is appended."""
+    return f"""
+[amqp]
+urls = ["{url}"]
+heartbeat = {heartbeat}
+reconnect_min_delay = {reconnect[0]!r}
+reconnect_max_delay = {reconnect[1]!r}
+{amqp_extra}
+
+[[queues]]
+name = "{queue}"
+arguments = {queue_args}
+
+[consumer]
+callback = "{callback}"
+prefetch = {prefetch}
+workers = {workers}
+drain_timeout = {drain!r}
+
+[health]
+listen = "{health}"
+{extra}
+"""

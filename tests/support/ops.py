@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from tests.support.daemonproc import DaemonProcess
+from tests.support.daemonproc import DaemonProcess, wait_until
 
 SSH = shutil.which("ssh") or "/usr/bin/ssh"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
@@ -60,15 +60,7 @@ def http_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
 
 def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Call predicate until it returns something truthy; AssertionError naming `what` after timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
-        time.sleep(interval)
+    return wait_until(predicate, timeout, interval, what)
 
 
 def metric_value(exposition: str, name: str, **labels: str) -> float | None:
