@@ -7,6 +7,7 @@ Daemon drains the consumer first while health keeps answering ("draining").
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Callable
 
 from amqp_consumer import exitcodes, health, systemd
@@ -33,4 +34,7 @@ def build(reactor: Any, config: Config, callback: Callable[[Message], Any], life
     if notifier is not None:
         notifier.setServiceParent(daemon)
     reactor.callWhenRunning(lifecycle.install_signal_handlers)
+    # Start-up objects (Twisted, pika, the config) live for the whole run: keep the
+    # cyclic collector from walking them again on every full collection.
+    reactor.callWhenRunning(gc.freeze)
     return daemon

@@ -376,7 +376,7 @@ class Consumer(Service):
     # --- the hot path -------------------------------------------------------------------
 
     def _make_on_delivery(self, label: str) -> Callable[[Channel, int, Message], None]:
-        received = self.metrics.counters["received"][label]
+        received = self.metrics.counters["received"]
         add = self.inflight.add
         submit = self.dispatcher.submit
         state = self.state
@@ -384,7 +384,7 @@ class Consumer(Service):
         def on_delivery(channel: Channel, tag: int, message: Message) -> None:
             d = Delivery(channel, tag, message, label)
             add(d)
-            received.inc()
+            received[label] += 1
             state.last_delivery = time()
             submit(d)
 
@@ -431,7 +431,7 @@ class Consumer(Service):
         if d.channel.is_open:
             send()
             if outcome:
-                self.metrics.counters[outcome][d.label].inc()
+                self.metrics.counters[outcome][d.label] += 1
         else:
             log.debug("delivery {tag} came from a closed channel; the broker has requeued it", tag=d.tag)
         self._done(d)
@@ -443,7 +443,7 @@ class Consumer(Service):
             if tags is None:
                 tags = self._acks[d.channel] = []
             tags.append(d.tag)
-            self.metrics.counters["acked"][d.label].inc()
+            self.metrics.counters["acked"][d.label] += 1
             if not self._ack_scheduled:
                 self._ack_scheduled = True
                 self._reactor.callLater(0, self._flush_acks)
@@ -493,7 +493,7 @@ class Consumer(Service):
         )
 
         def ok(_: Any) -> None:
-            self.metrics.counters["quarantined"][d.label].inc()
+            self.metrics.counters["quarantined"][d.label] += 1
             self._ack(d)
 
         def failed(f: Any) -> None:

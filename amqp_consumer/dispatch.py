@@ -210,7 +210,9 @@ class Dispatcher:
             if self.workers == 1:
                 batch, self._pending = self._pending, []
             else:
-                size = max(1, min(16, -(-len(self._pending) // (free * 2))))
+                # Even shares keep every worker busy; the cap stops one slow message
+                # from holding many others behind it in its batch.
+                size = max(1, min(32, -(-len(self._pending) // free)))
                 batch, self._pending = self._pending[:size], self._pending[size:]
             self._busy += 1
             free -= 1

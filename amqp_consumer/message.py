@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -11,6 +12,7 @@ class BodyDecodeError(Exception):
     """The body does not match its content type; the message goes to quarantine."""
 
 
+@functools.lru_cache(maxsize=64)
 def _is_json(content_type: str | None) -> bool:
     if not content_type:
         return False
@@ -38,7 +40,7 @@ class Message:
         exchange: str = "",
         routing_key: str = "",
         queue: str = "",
-        headers: Mapping[str, Any] | None = None,
+        headers: dict[str, Any] | None = None,
         id: str | None = None,
         correlation_id: str | None = None,
         reply_to: str | None = None,
@@ -52,7 +54,7 @@ class Message:
         self.exchange = exchange
         self.routing_key = routing_key
         self.queue = queue
-        self.headers = dict(headers) if headers else {}
+        self.headers = headers if headers is not None else {}  # pika hands over a fresh dict
         self.id = id
         self.correlation_id = correlation_id
         self.reply_to = reply_to

@@ -1,12 +1,16 @@
-"""Prometheus metrics on a private registry; the hot path only touches pre-bound counter children."""
+"""Prometheus metrics on a private registry.
+
+The per-message counts are plain integers bumped on the reactor thread (no lock)
+and turned into counter samples only when scraped.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # No "<name>_created" series next to every counter and histogram: they double
 # the exposition and say nothing the process start time does not.
@@ -37,19 +41,31 @@ class _Live:
         for name, value in self._read().items():
             kind = "counter" if name.endswith("_total") else "gauge"
             if kind == "counter":
-                from prometheus_client.core import CounterMetricFamily
-
                 yield CounterMetricFamily(name[: -len("_total")], helps[name], value=value)
             else:
                 yield GaugeMetricFamily(name, helps[name], value=value)
 
 
+class _Counts:
+    def __init__(self, counts: dict[str, dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Any]:
+        family = CounterMetricFamily(
+            "amqp_consumer_messages", "Deliveries by queue and outcome", labels=["queue", "outcome"]
+        )
+        for outcome, by_queue in self._counts.items():
+            for queue, n in by_queue.items():
+                family.add_metric([queue, outcome], n)
+        yield family
+
+
 class Metrics:
     def __init__(self, queues: Iterable[str]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self._messages = Counter(
-            "amqp_consumer_messages", "Deliveries by queue and outcome", ["queue", "outcome"], registry=self.registry
-        )
+        # Only ever changed on the reactor thread.
+        self.counters: dict[str, dict[str, int]] = {o: {} for o in OUTCOMES}
+        self.registry.register(_Counts(self.counters))
         self.duration = Histogram(
             "amqp_consumer_callback_duration_seconds",
             "Time the callback took per message",
@@ -60,13 +76,12 @@ class Metrics:
             "amqp_consumer_connection_state", "1 for the current connection state", ["state"], registry=self.registry
         )
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, open fds, start time
-        self.counters: dict[str, dict[str, Any]] = {o: {} for o in OUTCOMES}
         for q in queues:
             self.bind_queue(q)
 
     def bind_queue(self, label: str) -> None:
         for outcome in OUTCOMES:
-            self.counters[outcome][label] = self._messages.labels(label, outcome)
+            self.counters[outcome].setdefault(label, 0)
 
     def watch(self, read: Callable[[], dict[str, float]]) -> None:
         self.registry.register(_Live(read))
@@ -76,7 +91,7 @@ class Metrics:
             self.state_info.labels(s).set(1 if s == state else 0)
 
     def value(self, outcome: str, queue: str) -> float:
-        return self.counters[outcome][queue]._value.get()
+        return self.counters[outcome][queue]
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

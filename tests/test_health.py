@@ -129,9 +129,9 @@ async def test_ready_is_200_when_consuming_every_queue(served) -> None:
 async def test_status_has_state_inflight_counters_workers_and_version(served) -> None:
     daemon, port, _ = served
     _connected_and_consuming(daemon)
-    daemon.metrics.counters["acked"]["q1"].inc(3)
-    daemon.metrics.counters["received"]["q1"].inc(4)
-    daemon.metrics.counters["quarantined"]["q2"].inc()
+    daemon.metrics.counters["acked"]["q1"] += 3
+    daemon.metrics.counters["received"]["q1"] += 4
+    daemon.metrics.counters["quarantined"]["q2"] += 1
     old = Delivery(_Channel(), 7, Message(body=b"x", id="m-7", queue="q1"), "q1")
     old.received -= 12.5
     daemon.consumer.inflight.add(old)
@@ -159,7 +159,7 @@ async def test_status_has_state_inflight_counters_workers_and_version(served) ->
 async def test_metrics_cover_every_figure(served) -> None:
     daemon, port, _ = served
     _connected_and_consuming(daemon)
-    daemon.metrics.counters["requeued"]["q2"].inc(2)
+    daemon.metrics.counters["requeued"]["q2"] += 2
     daemon.metrics.duration.observe(0.003)
     daemon.state.last_delivery = 1_700_000_000.0
     daemon.state.set_blocked(True, "low on memory")
