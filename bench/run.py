@@ -720,6 +720,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--latency-rate", type=float, default=1000.0, help="publish rate of the latency runs (msg/s)")
     p.add_argument("--long-messages", type=int, help="messages in the memory run (default 500000; quick 10000)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--prefetch", type=int, default=PREFETCH, help=f"prefetch of every variant (default {PREFETCH})")
     p.add_argument("--switch-interval", type=float,
                    help="experiment: sys.setswitchinterval() in every consumer process (default: Python's 0.005)")
     a = p.parse_args(argv)
@@ -746,7 +747,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
 
 
 def main(argv: list[str]) -> int:
+    global PREFETCH
     args, s = parse_args(argv)
+    PREFETCH = args.prefetch
     if args.switch_interval:
         os.environ["BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
     t_start = time.monotonic()

@@ -114,3 +114,30 @@ def test_server_named_queue_rules(tmp_path: Path) -> None:
 def test_redact_url() -> None:
     assert redact_url("amqps://u:p%40ss@host:5671/vh") == "amqps://u:***@host:5671/vh"
     assert redact_url("amqp://host/") == "amqp://host/"
+
+
+def test_example_config_shows_every_key() -> None:
+    """conf/amqp-consumer.toml is the operator's starting point: every schema key appears in it."""
+    import tomllib
+
+    from amqp_consumer.config import schema_keys
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "conf" / "amqp-consumer.toml").read_text())
+    present: set[str] = set()
+
+    def walk(value: object, prefix: str) -> None:
+        if isinstance(value, dict) and prefix.rsplit(".", 1)[-1] in ("arguments", "config"):
+            present.add(prefix)  # a free table: its own keys are not the schema's
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{prefix}.{k}" if prefix else k)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for v in value:
+                walk(v, prefix)
+        else:
+            present.add(prefix)
+
+    walk(data, "")
+    assert schema_keys() - present == set()
+    assert present - schema_keys() == set()

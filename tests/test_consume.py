@@ -249,3 +249,37 @@ def test_twistd_lists_the_plugin(tmp_path):
     sub = subprocess.run([TWISTD, "amqp-consumer", "--help"], env=env_for(), capture_output=True, text=True, timeout=60)
     for option in ("--config=", "--callback=", "--check"):
         assert option in sub.stdout
+
+
+def test_the_message_carries_every_property(tmp_path, broker, queue, out_file, daemons):
+    import pika
+
+    broker.declare(queue, arguments={"x-max-priority": 5})
+    broker.channel().basic_publish(
+        "",
+        queue,
+        b'{"a": [1, 2]}',
+        pika.BasicProperties(
+            content_type="application/vnd.example+json; charset=utf-8",
+            message_id="m-1",
+            correlation_id="c-1",
+            reply_to="replies",
+            priority=3,
+            timestamp=1_700_000_000,
+            headers={"h": "v", "n": 7},
+        ),
+    )
+    broker.publish_raw(queue, b"\x00\x01binary", content_type="application/octet-stream", message_id="m-2")
+    d = start(tmp_path, config(queue, "testcb:record_properties", queue_args='{"x-max-priority" = 5}'), out_file)
+    daemons.append(d)
+    wait_until(lambda: len(read_rows(out_file)) == 2, 20, what="two messages")
+    first, second = read_rows(out_file)
+    assert first["body"] == {"a": [1, 2]} and first["raw"] == '{"a": [1, 2]}'
+    assert (first["id"], first["correlation_id"], first["reply_to"], first["priority"]) == ("m-1", "c-1", "replies", 3)
+    assert first["headers"] == {"h": "v", "n": 7}
+    assert first["timestamp"] == "2023-11-14T22:13:20+00:00"
+    assert first["topic"] == first["routing_key"] == queue and first["exchange"] == ""
+    assert first["text"].startswith("Message id=m-1 exchange='' routing_key=") and 'body={"a": [1, 2]}' in first["text"]
+    assert second["body"] == "\x00\x01binary"  # bytes (shown decoded by the recorder), not JSON-decoded
+    assert second["headers"] == {} and second["timestamp"] is None
+    assert d.stop() == 0

@@ -92,3 +92,20 @@ class BrokenInit:
 
     def __call__(self, message) -> None:  # pragma: no cover
         pass
+
+
+def record_properties(message) -> None:
+    """Every attribute of the message, as the callback sees it."""
+    _record(
+        message,
+        raw=message.raw_body.decode(),
+        topic=message.topic,
+        exchange=message.exchange,
+        headers=message.headers,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        content_type=message.content_type,
+        priority=message.priority,
+        timestamp=message.timestamp.isoformat() if message.timestamp else None,
+        text=str(message),
+    )
