@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from amqp_consumer import exitcodes
 from amqp_consumer.config import Config
 from amqp_consumer.connection import (
     AccessRefused,
@@ -127,8 +128,6 @@ class Consumer(Service):
         on_halt: Callable[[int], None],
         on_fatal: Callable[[int, str], None],
     ) -> None:
-        from amqp_consumer import exitcodes
-
         self._reactor = reactor
         self.config = config
         self.state = state
