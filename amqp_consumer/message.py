@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
 
 class BodyDecodeError(Exception):
