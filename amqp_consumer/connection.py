@@ -416,9 +416,9 @@ class Channel:
                 await self._call(
                     "queue_bind", queue=names[b.queue], exchange=b.exchange, routing_key=key, arguments=dict(b.arguments)
                 )
-        for q in config.consumed_queues:
-            names.setdefault(q, q)
-            await self._call("queue_declare", queue=quarantine_queue(q), durable=True)
+        for consumed in config.consumed_queues:
+            names.setdefault(consumed, consumed)
+            await self._call("queue_declare", queue=quarantine_queue(consumed), durable=True)
         return names
 
     async def qos(self, prefetch: int) -> None:
