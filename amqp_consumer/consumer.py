@@ -13,7 +13,7 @@ from time import monotonic, time
 from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,6 +39,10 @@ from amqp_consumer.state import State
 log = Logger(namespace="amqp_consumer.consumer")
 
 QUARANTINE_RETRY_DELAY = 5.0
+# Connected yet not consuming on some queue for this long, with no retry pending:
+# a state no code path should leave us in, so reopen the channel rather than trust it.
+STUCK_AFTER = 60.0
+STUCK_CHECK_EVERY = 10.0
 
 
 def queue_label(configured: str) -> str:
@@ -146,6 +150,9 @@ class Consumer(Service):
         self._ack_scheduled = False
         self._retry_attempt = 0
         self._retry_call: Any = None
+        self._stuck_since: float | None = None
+        self._stuck_check = task.LoopingCall(self._check_consuming)
+        self._stuck_check.clock = reactor
         self._drained: Deferred | None = None
         self._skip_wait: Deferred | None = None
         self.halt_code: int | None = None
@@ -159,6 +166,7 @@ class Consumer(Service):
         self.dispatcher.start()
         self.metrics.set_connection_state("connecting")
         self.connector.startService()
+        self._stuck_check.start(STUCK_CHECK_EVERY, now=False)
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -171,6 +179,8 @@ class Consumer(Service):
             self._skip_wait.callback(None)
 
     async def _shutdown(self) -> None:
+        if self._stuck_check.running:
+            self._stuck_check.stop()
         self.state.set_flag("draining", True)
         self._skip_wait = Deferred()
         if self._retry_call is not None and self._retry_call.active():
@@ -348,6 +358,35 @@ class Consumer(Service):
             await self._consume(ch, q)
 
         self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(again()))
+
+    def _check_consuming(self) -> None:
+        """The last line of defence against being up without consuming."""
+        session = self._session
+        s = self.state
+        if session is None or s.paused or s.draining or s.halted or s.connection != "connected":
+            self._stuck_since = None
+            return
+        idle = [q for q, on in s.consuming.items() if not on]
+        if not idle or (self._retry_call is not None and self._retry_call.active()):
+            self._stuck_since = None
+            return
+        now = self._reactor.seconds()
+        if self._stuck_since is None:
+            self._stuck_since = now
+            return
+        if now - self._stuck_since < STUCK_AFTER:
+            return
+        self._stuck_since = None
+        log.warn(
+            "connected but not consuming {queues} for {t:g} s; opening a new channel",
+            queues=", ".join(repr(q or "(server-named)") for q in idle),
+            t=STUCK_AFTER,
+        )
+        old, self._channel = self._channel, None
+        self._tags.clear()
+        if old is not None:
+            defer.ensureDeferred(old.close()).addErrback(lambda f: None)
+        defer.ensureDeferred(self._open(session))
 
     def _next_retry_delay(self) -> float:
         a = self.config.amqp

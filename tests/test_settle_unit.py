@@ -167,3 +167,46 @@ def test_prefetched_deliveries_that_never_started_go_back_at_once_on_stop(consum
     stopping = c.stopService()
     assert stopping.called
     assert ch.sent == [("nack", 1, True), ("nack", 2, True)]
+
+
+def test_connected_but_not_consuming_for_a_minute_reopens_the_channel(consumer):
+    """Whatever the cause, the daemon does not stay up without consuming."""
+    reactor, c = consumer
+    opened: list = []
+
+    async def fake_open(session):
+        opened.append(session)
+
+    c._open = fake_open  # type: ignore[method-assign]
+    c.startService()
+    c._session = object()  # type: ignore[assignment]
+    c.state.set_connection("connected")
+    c.state.set_consuming("q", False, "lost track")
+    for _ in range(6):
+        reactor.advance(10)
+    assert opened == []  # 50 s: not yet
+    reactor.advance(10)
+    reactor.advance(10)
+    assert len(opened) == 1
+    c.state.set_consuming("q", True)
+    for _ in range(12):
+        reactor.advance(10)
+    assert len(opened) == 1  # consuming again: nothing more to do
+
+
+def test_a_pending_retry_or_a_pause_is_not_mistaken_for_being_stuck(consumer):
+    reactor, c = consumer
+    opened: list = []
+
+    async def fake_open(session):
+        opened.append(session)
+
+    c._open = fake_open  # type: ignore[method-assign]
+    c.startService()
+    c._session = object()  # type: ignore[assignment]
+    c.state.set_connection("connected")
+    c.state.set_consuming("q", False, "paused")
+    c.state.set_flag("paused", True)
+    for _ in range(20):
+        reactor.advance(10)
+    assert opened == []
