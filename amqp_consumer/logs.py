@@ -10,12 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from twisted.logger import FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, Logger, formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    Logger,
+    PredicateResult,
+    formatEvent,
+)
 from zope.interface import implementer
 
 from amqp_consumer.config import redact_text
@@ -120,13 +129,26 @@ def bridge_stdlib(pika_level: str) -> None:
     logging.getLogger("pika").setLevel(_STD_LEVELS[pika_level])
 
 
+# Twisted's ports announce themselves through the legacy log at info level; the
+# listeners already log one line of their own, so these are shown at debug only.
+_PORT_CHATTER = re.compile(r"^(\S+ starting on \d+|\(\S+ Port \d+ Closed\))$")
+
+
+def _port_chatter(event: dict[str, Any]) -> PredicateResult:
+    if event.get("log_namespace") == "log_legacy" and _PORT_CHATTER.match(formatEvent(event)):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def make_observer(settings: LogSettings | None = None, stream: IO[str] | None = None) -> ILogObserver:
     s = settings or _settings
     if stream is None:
         stream = open(s.logfile, "a", buffering=1) if s.logfile and s.logfile != "-" else sys.stdout
     bridge_stdlib(s.pika_level)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[s.level])
-    return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps), [predicate])
+    predicates: list[Any] = [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[s.level])]
+    if s.level != "debug":
+        predicates.insert(0, _port_chatter)
+    return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps), predicates)
 
 
 def twistd_observer() -> ILogObserver:

@@ -227,3 +227,20 @@ def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, q
     assert "Traceback" not in out
     reasons = [line for line in out.splitlines() if " CRITICAL " in line]
     assert len(reasons) == 1 and "refused" in reasons[0] and "(exit status 77)" in reasons[0], out
+
+
+def test_port_announcements_are_left_to_debug_level() -> None:
+    """Twisted's "Site starting on 9100" / "(TCP Port 9100 Closed)" lines add nothing to the listener's own line."""
+    import io
+
+    from twisted.logger import LogLevel
+
+    from amqp_consumer import logs
+
+    for level, expected in (("info", 0), ("debug", 2)):
+        out = io.StringIO()
+        observer = logs.make_observer(logs.LogSettings(level=level, timestamps=False), stream=out)
+        for text in ("QuietSite starting on 9100", "(TCP Port 9100 Closed)"):
+            observer({"log_namespace": "log_legacy", "log_level": LogLevel.info, "log_format": "{t}", "t": text, "log_time": 0})
+        observer({"log_namespace": "log_legacy", "log_level": LogLevel.info, "log_format": "something else", "log_time": 0})
+        assert len(out.getvalue().splitlines()) == expected + 1
