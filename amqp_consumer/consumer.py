@@ -157,14 +157,13 @@ class Consumer(Service):
         self._skip_wait: Deferred | None = None
         self.halt_code: int | None = None
         state.broker = self.connector.target
-        metrics.watch(self._live_metrics)
+        metrics.watch(self._live_metrics, lambda: state.connection)
 
     # --- lifecycle -------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self.dispatcher.start()
-        self.metrics.set_connection_state("connecting")
         self.connector.startService()
         self._stuck_check.start(STUCK_CHECK_EVERY, now=False)
 
@@ -209,7 +208,6 @@ class Consumer(Service):
         self._flush_acks()
         await self.connector.close()
         self.state.set_connection("closed", "stopped")
-        self.metrics.set_connection_state("closed")
         self.dispatcher.stop(join=not timed_out)
 
     def halt(self, code: int) -> None:
@@ -226,21 +224,16 @@ class Consumer(Service):
         self._channel = None
         self._tags.clear()
         self.publisher.attach(None)
-        self._acks.clear()
-        dropped = self.dispatcher.discard(lambda d: d.channel.is_open)
-        for d in dropped:
-            self.inflight.remove(d)
+        self._acks.clear()  # the channels' close listeners have dropped their deliveries
         if self.running:
             new = "reconnecting" if was != "connecting" else "connecting"
             self.state.set_connection(new, why)
-            self.metrics.set_connection_state(new)
 
     def _session_up(self, session: Session) -> None:
         self._session = session
         self.publisher.attach(session)
         session.blocked = self._blocked
         self.state.set_connection("connected", "", broker=self.connector.target)
-        self.metrics.set_connection_state("connected")
         self._retry_attempt = 0
         defer.ensureDeferred(self._open(session))
 
@@ -304,12 +297,13 @@ class Consumer(Service):
         if ch is not self._channel:
             return
         self._tags[q] = tag
+        self._retry_attempt = 0  # backoff restarts from the minimum after each recovery
         self.state.set_consuming(q, True)
         log.info("consuming from {queue!r} (prefetch {prefetch})", queue=real, prefetch=self.config.consumer.prefetch)
 
     def _channel_closed(self, ch: Channel, session: Session, error: ChannelClosed) -> None:
         for d in self.dispatcher.discard(lambda d: d.channel is not ch):
-            self.inflight.remove(d)
+            self._done(d)  # never started; the broker requeues it
         self._acks.pop(ch, None)
         if ch is not self._channel:
             return
@@ -319,18 +313,17 @@ class Consumer(Service):
             return  # our own close, or the whole connection went: the connection handler takes over
         for q in self.state.consuming:
             self.state.set_consuming(q, False, f"channel closed: {error}")
-        unsettled = self.inflight.on_channel(ch)
+        if error.code == 403:
+            self._on_fatal(AccessRefused(f"the broker refused access: {error}"))
+            return
         delay = self._next_retry_delay()
         log.warn(
             "the broker closed our channel: {why}; {n} unsettled deliveries go back to the queue; "
             "opening a new channel in {delay:.1f} s",
             why=error,
-            n=unsettled,
+            n=self.inflight.on_channel(ch),
             delay=delay,
         )
-        if error.code == 403:
-            self._on_fatal(AccessRefused(f"the broker refused access: {error}"))
-            return
         self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(self._open(session)))
 
     def _cancelled(self, ch: Channel, q: str) -> None:

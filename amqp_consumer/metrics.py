@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # No "<name>_created" series next to every counter and histogram: they double
@@ -18,13 +18,15 @@ if hasattr(prometheus_client, "disable_created_metrics"):
     prometheus_client.disable_created_metrics()
 
 OUTCOMES = ("received", "acked", "requeued", "rejected", "quarantined")
+CONNECTION_STATES = ("connecting", "connected", "reconnecting", "closed")
 
 
 class _Live:
     """Gauges computed at scrape time from the state, registry and dispatcher."""
 
-    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, read: Callable[[], dict[str, float]], connection_state: Callable[[], str]) -> None:
         self._read = read
+        self._connection_state = connection_state
 
     def collect(self) -> Iterable[Any]:
         helps = {
@@ -44,6 +46,11 @@ class _Live:
                 yield CounterMetricFamily(name[: -len("_total")], helps[name], value=value)
             else:
                 yield GaugeMetricFamily(name, helps[name], value=value)
+        current = self._connection_state()
+        family = GaugeMetricFamily("amqp_consumer_connection_state", "1 for the current connection state", labels=["state"])
+        for state in CONNECTION_STATES:
+            family.add_metric([state], 1.0 if state == current else 0.0)
+        yield family
 
 
 class _Counts:
@@ -72,9 +79,6 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=self.registry,
         )
-        self.state_info = Gauge(
-            "amqp_consumer_connection_state", "1 for the current connection state", ["state"], registry=self.registry
-        )
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, open fds, start time
         for q in queues:
             self.bind_queue(q)
@@ -83,12 +87,9 @@ class Metrics:
         for outcome in OUTCOMES:
             self.counters[outcome].setdefault(label, 0)
 
-    def watch(self, read: Callable[[], dict[str, float]]) -> None:
-        self.registry.register(_Live(read))
-
-    def set_connection_state(self, state: str) -> None:
-        for s in ("connecting", "connected", "reconnecting", "closed"):
-            self.state_info.labels(s).set(1 if s == state else 0)
+    def watch(self, read: Callable[[], dict[str, float]], connection_state: Callable[[], str]) -> None:
+        """Figures read at scrape time, so they can never disagree with the state they come from."""
+        self.registry.register(_Live(read, connection_state))
 
     def value(self, outcome: str, queue: str) -> float:
         return self.counters[outcome][queue]

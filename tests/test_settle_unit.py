@@ -169,9 +169,8 @@ def test_prefetched_deliveries_that_never_started_go_back_at_once_on_stop(consum
     assert ch.sent == [("nack", 1, True), ("nack", 2, True)]
 
 
-def test_connected_but_not_consuming_for_a_minute_reopens_the_channel(consumer):
-    """Whatever the cause, the daemon does not stay up without consuming."""
-    reactor, c = consumer
+def connected_but_idle(c: Consumer) -> list:
+    """Start c as if connected with queue q not consuming; returns the list of channel re-opens."""
     opened: list = []
 
     async def fake_open(session):
@@ -182,6 +181,13 @@ def test_connected_but_not_consuming_for_a_minute_reopens_the_channel(consumer):
     c._session = object()  # type: ignore[assignment]
     c.state.set_connection("connected")
     c.state.set_consuming("q", False, "lost track")
+    return opened
+
+
+def test_connected_but_not_consuming_for_a_minute_reopens_the_channel(consumer):
+    """Whatever the cause, the daemon does not stay up without consuming."""
+    reactor, c = consumer
+    opened = connected_but_idle(c)
     for _ in range(6):
         reactor.advance(10)
     assert opened == []  # 50 s: not yet
@@ -196,17 +202,13 @@ def test_connected_but_not_consuming_for_a_minute_reopens_the_channel(consumer):
 
 def test_a_pending_retry_or_a_pause_is_not_mistaken_for_being_stuck(consumer):
     reactor, c = consumer
-    opened: list = []
-
-    async def fake_open(session):
-        opened.append(session)
-
-    c._open = fake_open  # type: ignore[method-assign]
-    c.startService()
-    c._session = object()  # type: ignore[assignment]
-    c.state.set_connection("connected")
-    c.state.set_consuming("q", False, "paused")
+    opened = connected_but_idle(c)
     c.state.set_flag("paused", True)
+    for _ in range(20):
+        reactor.advance(10)
+    assert opened == []
+    c.state.set_flag("paused", False)
+    c._retry_call = reactor.callLater(300, lambda: None)
     for _ in range(20):
         reactor.advance(10)
     assert opened == []
