@@ -107,6 +107,14 @@ class _Protocol(TwistedProtocolConnection):
 
     _broker_close: Exception | None = None
 
+    def connectionMade(self) -> None:
+        # pika's own adapters set TCP_NODELAY; Twisted's transports do not. Without
+        # it a lone ack or close frame can wait for the broker's delayed TCP ACK.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        super().connectionMade()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # pika's adapter replaces the reason the broker gave in Connection.Close
         # (403 ACCESS_REFUSED for a wrong password, 530 for a vhost) with
