@@ -20,6 +20,9 @@ What is recorded:
   cpu first/last     CLOCK_PROCESS_CPUTIME_ID (user+sys of every thread of the
                      process, the figure /proc/<pid>/stat gives, at ns resolution)
   latency            time.time() at the callback minus body["sent"] (latency mode)
+  inside             (latency mode, amqp-consumer only) perf_counter at the callback
+                     minus when the delivery reached the daemon's dispatcher: the
+                     daemon's own share of the latency (see bench_callbacks.py)
   rss                VmRSS at each checkpoint
   gc                 (latency mode) every garbage-collector pass: generation and pause
 """
@@ -63,6 +66,7 @@ class Probe:
         self.cpu_first = self.cpu_last = 0.0
         self.rss: dict[int, int] = {}
         self.latency: list[float] | None = [] if self.mode == "latency" else None
+        self.inside: list[float] = []
         self.threads: set[str] = set()
         self.gc_pauses: list[tuple[int, float]] = []
         self._gc_start = 0.0
@@ -71,10 +75,12 @@ class Probe:
         self._written = False
         self._lock = threading.Lock()
 
-    def hit(self, body) -> None:
+    def hit(self, body, arrived: float | None = None) -> None:
         n = next(self._count)
         if self.latency is not None:
             self.latency.append(_now() - body["sent"])
+            if arrived is not None:
+                self.inside.append(_clock() - arrived)
         if n == 1:
             self.first = _clock()
             self.first_wall = _now()
@@ -111,6 +117,8 @@ class Probe:
         }
         if self.latency is not None:
             data["latency"] = self.latency
+            if self.inside:
+                data["inside"] = self.inside
             data["gc"] = {
                 f"gen{g}": {
                     "count": len(p := [d for gen, d in self.gc_pauses if gen == g]),
