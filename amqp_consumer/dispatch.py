@@ -10,9 +10,10 @@ import importlib
 import inspect
 import threading
 import traceback
+from contextvars import Context, copy_context
 from time import monotonic
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Generator, Mapping, Sequence
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -203,7 +204,10 @@ class Dispatcher:
         if self.is_async:
             pending, self._pending = self._pending, []
             for delivery in pending:
-                self._run_async(delivery)
+                if self.accepting:
+                    self._run_async(delivery)
+                else:  # a HaltConsumer earlier in this turn: the rest go back unrun
+                    self._on_results((delivery,), (NOT_RUN,))
             return
         free = self.workers - self._busy
         while free > 0 and self._pending:
@@ -262,11 +266,14 @@ class Dispatcher:
 
                 d = defer.Deferred.fromFuture(asyncio.ensure_future(coro, loop=self._asyncio_loop))
             else:
-                d = defer.ensureDeferred(coro)
+                d = _start(coro)
         except BaseException as e:  # noqa: BLE001
             self._async_done_error(e, delivery)
             return
-        d.addCallbacks(self._async_done, self._async_failed, callbackArgs=(delivery,), errbackArgs=(delivery,))
+        if d is None:
+            self._async_done(None, delivery)
+        else:
+            d.addCallbacks(self._async_done, self._async_failed, callbackArgs=(delivery,), errbackArgs=(delivery,))
 
     def _async_done(self, _result: Any, delivery: Any) -> None:
         self._busy -= 1
@@ -283,3 +290,44 @@ class Dispatcher:
         if result[0] == "halt":
             self.accepting = False
         self._on_results((delivery,), (result,))
+
+
+# --- coroutines without a Deferred when they never wait ---------------------------
+
+
+def _start(coro: Coroutine[Any, Any, Any]) -> defer.Deferred[Any] | None:
+    """Run a coroutine up to its first wait, as ensureDeferred would.
+
+    Most callbacks finish without ever waiting; for those no Deferred and no
+    inlineCallbacks trampoline is built (None is returned). One that does wait
+    is handed to ensureDeferred from where it stopped, so awaiting Deferreds,
+    cancellation and errors behave exactly as before. The coroutine runs in a
+    copy of the current context throughout, again as ensureDeferred does, so a
+    context variable it sets is neither lost at its first await nor leaked.
+    """
+    ctx = copy_context()
+    try:
+        first = ctx.run(coro.send, None)
+    except StopIteration:
+        return None
+    return defer.ensureDeferred(_resume(coro, first, ctx))
+
+
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any, ctx: Context) -> Generator[Any, Any, Any]:
+    """Drive the rest of a started coroutine under inlineCallbacks: pass on what it waits for, and back what comes."""
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:  # noqa: BLE001 - a failed wait (or cancellation) goes into the coroutine
+            try:
+                yielded = ctx.run(coro.throw, e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = ctx.run(coro.send, sent)
+            except StopIteration as stop:
+                return stop.value

@@ -316,3 +316,19 @@ def test_health_answers_draining_during_the_drain(tmp_path: Path, broker: Broker
     assert http(port, "/live")[0] == 200
     gate.touch()
     assert d.wait(20) == 0
+
+
+def test_duration_buckets_follow_prometheus_le_convention():
+    """A value equal to a bucket's bound counts in that bucket; one above every bound only in +Inf."""
+    from amqp_consumer.metrics import Metrics
+
+    m = Metrics(["q"])
+    m.duration.observe(0.005)
+    m.duration.observe(400.0)
+    text = m.exposition().decode()
+    assert metric_value(text, "amqp_consumer_callback_duration_seconds_bucket", le="0.0025") == 0
+    assert metric_value(text, "amqp_consumer_callback_duration_seconds_bucket", le="0.005") == 1
+    assert metric_value(text, "amqp_consumer_callback_duration_seconds_bucket", le="300.0") == 1
+    assert metric_value(text, "amqp_consumer_callback_duration_seconds_bucket", le="+Inf") == 2
+    assert metric_value(text, "amqp_consumer_callback_duration_seconds_count") == 2
+    assert metric_value(text, "amqp_consumer_callback_duration_seconds_sum") == pytest.approx(400.005)
