@@ -728,7 +728,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--skip-latency", action="store_true", help="skip the fixed-rate latency runs")
     p.add_argument("--only", help=f"comma-separated variants: {', '.join(BY_NAME)}")
     p.add_argument("--latency-seconds", type=float, help="length of each latency run (default 10; quick 1)")
-    p.add_argument("--latency-rounds", type=int, help="interleaved latency rounds (default 3; quick 1)")
+    p.add_argument("--latency-rounds", type=int, help="interleaved latency rounds (default 5; quick 1)")
     p.add_argument("--latency-rate", type=float, default=1000.0, help="publish rate of the latency runs (msg/s)")
     p.add_argument("--long-messages", type=int, help="messages in the memory run (default 500000; quick 10000)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
@@ -749,7 +749,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
         latency_seconds=a.latency_seconds or (1.0 if q else 10.0),
         idle_seconds=0.5 if q else 5.0,
         ready_runs=1 if q else 3,
-        latency_rounds=a.latency_rounds or (1 if q else 3),
+        latency_rounds=a.latency_rounds or (1 if q else 5),
         long_total=long_total,
         long_step=max(1, long_total // 10),
         skip_long=a.skip_long,
