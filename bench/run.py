@@ -732,6 +732,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--latency-rate", type=float, default=1000.0, help="publish rate of the latency runs (msg/s)")
     p.add_argument("--long-messages", type=int, help="messages in the memory run (default 500000; quick 10000)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--results", type=Path, help="folder for the JSON results and per-run logs (default bench/results)")
     p.add_argument("--prefetch", type=int, default=PREFETCH, help=f"prefetch of every variant (default {PREFETCH})")
     p.add_argument("--switch-interval", type=float,
                    help="experiment: sys.setswitchinterval() in every consumer process (default: Python's 0.005)")
@@ -759,9 +760,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
 
 
 def main(argv: list[str]) -> int:
-    global PREFETCH
+    global PREFETCH, RESULTS, LOGS
     args, s = parse_args(argv)
     PREFETCH = args.prefetch
+    if args.results:
+        RESULTS = args.results.resolve()
+        LOGS = RESULTS / "logs"
     if args.switch_interval:
         os.environ["BENCH_SWITCH_INTERVAL"] = str(args.switch_interval)
     t_start = time.monotonic()
@@ -874,7 +878,7 @@ def main(argv: list[str]) -> int:
         tmp = RESULTS / "latest.json.tmp"
         tmp.write_text(body)
         os.replace(tmp, RESULTS / "latest.json")
-        say(f"wrote {(RESULTS / 'latest.json').relative_to(ROOT)} and results/{stamp}.json ({data['elapsed_seconds']:g} s)")
+        say(f"wrote {RESULTS / 'latest.json'} and {stamp}.json ({data['elapsed_seconds']:g} s)")
     return 0
 
 
