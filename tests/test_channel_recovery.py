@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest_twisted
 
-from amqp_consumer.config import load
 from amqp_consumer.daemon import Daemon
 from tests.conftest import until
 from tests.support.broker import Broker
-
-
-def make_config(tmp_path: Path, queue: str):
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f"""
-[amqp]
-reconnect_min_delay = 0.1
-reconnect_max_delay = 1.0
-[[queues]]
-name = "{queue}"
-[consumer]
-callback = "x:y"
-[health]
-listen = ""
-"""
-    )
-    return load(p)
+from tests.support.inprocess import inprocess_config
 
 
 @pytest_twisted.ensureDeferred
 async def test_channel_closed_by_broker_reopens_and_consumes(reactor, tmp_path, broker: Broker, queue):
     seen: list[str] = []
     exits: list[int] = []
-    daemon = Daemon(reactor, make_config(tmp_path, queue), lambda m: seen.append(m.id), on_exit=exits.append)
+    daemon = Daemon(reactor, inprocess_config(tmp_path, queue), lambda m: seen.append(m.id), on_exit=exits.append)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
@@ -65,7 +45,7 @@ async def test_delivery_from_a_closed_channel_is_never_acked_on_the_new_one(reac
         if not m.redelivered:
             gate.wait(10)
 
-    daemon = Daemon(reactor, make_config(tmp_path, queue), cb, on_exit=lambda c: None)
+    daemon = Daemon(reactor, inprocess_config(tmp_path, queue), cb, on_exit=lambda c: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")

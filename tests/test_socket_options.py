@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 import socket
-from pathlib import Path
 
 import pytest_twisted
 
-from amqp_consumer.config import load
 from amqp_consumer.daemon import Daemon
 from tests.conftest import until
-
-
-def make_config(tmp_path: Path, queue: str):
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f"""
-[[queues]]
-name = "{queue}"
-[consumer]
-callback = "x:y"
-[health]
-listen = ""
-"""
-    )
-    return load(p)
+from tests.support.inprocess import inprocess_config
 
 
 @pytest_twisted.ensureDeferred
 async def test_connection_socket_has_tcp_nodelay(reactor, tmp_path, broker, queue):
     # Without it, a lone ack (or the close frame at shutdown) can sit in the kernel
     # until the broker's delayed TCP ACK arrives, up to 40 ms on Linux.
-    daemon = Daemon(reactor, make_config(tmp_path, queue), lambda m: None, on_exit=lambda code: None)
+    daemon = Daemon(reactor, inprocess_config(tmp_path, queue), lambda m: None, on_exit=lambda code: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
