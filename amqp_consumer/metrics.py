@@ -91,12 +91,12 @@ class Durations:
         self.sum += seconds
 
     def collect(self) -> Iterable[Any]:
-        counts, total = list(self.counts), self.sum  # a consistent-enough snapshot
+        # /metrics is rendered on the reactor thread too, so nothing moves meanwhile.
         cumulative, running = [], 0
-        for bound, n in zip(self._labels, counts):
+        for bound, n in zip(self._labels, self.counts):
             running += n
             cumulative.append((bound, running))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=total)
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
 
 
 class Metrics:
