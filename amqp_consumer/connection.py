@@ -254,12 +254,18 @@ class Connector(Service):
         self._service.startService()
 
     async def close(self, timeout: float = 5.0) -> None:
-        """Close the AMQP connection politely, then stop reconnecting."""
-        stopping = self._service.stopService()
+        """Close the AMQP connection with its handshake, then stop reconnecting.
+
+        The order matters: ClientService.stopService() only drops the socket, and
+        a broker that sees the socket go without connection.close may discard
+        acks it has read but not yet applied (the messages are delivered again).
+        channel.close-ok and connection.close-ok come only after the broker has
+        handled everything sent before them.
+        """
         session = self.session
         if session is not None:
             await session.close(timeout)
-        await stopping
+        await self._service.stopService()
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -331,23 +337,34 @@ class Session:
         return Channel(tc)
 
     async def close(self, timeout: float) -> None:
+        """Close every channel, then the connection, each with its close-ok; at most timeout seconds.
+
+        pika closes the channels first and sends connection.close once they are
+        all closed. A broker that does not answer in time (a stalled link, a
+        blocked connection it no longer reads) gets the socket aborted.
+        """
         if self.closing:
             return
         self.closing = True
         if self._proto.is_closed:
             return
-        done = Deferred()
-        self.closed.addBoth(lambda r: done.callback(None) if not done.called else None)
-        timer = self._reactor.callLater(timeout, lambda: done.callback(None) if not done.called else None)
+        done: Deferred = Deferred()
+        self.closed.addBoth(lambda r: done.callback(True) if not done.called else None)
+        timer = self._reactor.callLater(timeout, lambda: done.callback(False) if not done.called else None)
         try:
             self._proto.close()
         except pika_exc.ConnectionWrongStateError:
             pass
-        await done
+        answered = await done
         if timer.active():
             timer.cancel()
-        if self._proto.transport is not None and self._proto.transport.connected:
-            self._proto.transport.loseConnection()
+        transport = self._proto.transport
+        if transport is not None and transport.connected:
+            if answered:
+                transport.loseConnection()
+            else:
+                log.warn("the broker did not answer connection.close within {t:g} s; dropping the connection", t=timeout)
+                transport.abortConnection()
 
 
 class Channel:
