@@ -34,6 +34,7 @@ def build(reactor: Any, config: Config, callback: Callable[[Message], Any], life
     if notifier is not None:
         notifier.setServiceParent(daemon)
     reactor.callWhenRunning(lifecycle.install_signal_handlers)
+    reactor.addSystemEventTrigger("after", "shutdown", lifecycle.exit_despite_threads)
     # Start-up objects (Twisted, pika, the config) live for the whole run: keep the
     # cyclic collector from walking them again on every full collection.
     reactor.callWhenRunning(gc.freeze)

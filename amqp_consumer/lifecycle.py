@@ -2,6 +2,8 @@
 
 twistd re-raises the signal that stopped the reactor (exit status 143 on SIGTERM);
 an operator expects 0 after a clean drain, so the daemon installs its own handlers.
+Once the reactor has stopped, the process exits even if a callback or a library
+left a non-daemon thread running: Python would otherwise wait for it forever.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import atexit
 import os
 import signal
 import sys
+import threading
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -51,6 +54,35 @@ class Lifecycle:
             self._reactor.stop()
         else:
             self._reactor.callWhenRunning(self._reactor.stop)
+
+
+    def exit_despite_threads(self) -> None:
+        """Run after the reactor stopped: name any non-daemon thread left, and do not wait for it.
+
+        Python joins every non-daemon thread before it exits, so one that never
+        ends (a callback's, a library's) would keep a stopped daemon alive, and
+        a second signal could not help: the reactor that handled signals is gone.
+        """
+        main = threading.main_thread()
+        left = [t.name for t in threading.enumerate() if not t.daemon and t is not main]
+        if not left:
+            return
+        log.warn(
+            "exiting with {n} non-daemon thread(s) still running, without waiting for them: {names}",
+            n=len(left),
+            names=", ".join(sorted(left)),
+        )
+        waiter = threading.Thread(target=_exit_after_main, args=(main, self.exit_code), name="amqp-consumer-exit")
+        waiter.daemon = True
+        waiter.start()
+
+
+def _exit_after_main(main: threading.Thread, code: int) -> None:
+    # The main thread counts as ended once the interpreter starts to shut down,
+    # which is after twistd has logged its last line and removed its pid file;
+    # from there the interpreter would only wait for the threads named above.
+    main.join()
+    _exit_with(code)
 
 
 def _exit_with(code: int) -> None:

@@ -61,3 +61,15 @@ def test_sigterm_mid_stream_closes_with_the_handshake_and_no_finished_message_ru
     log = broker_log(node)
     for name in names:
         assert abrupt_closes(log, name) == []
+
+
+def test_a_leaked_non_daemon_thread_does_not_keep_the_stopped_daemon_alive(tmp_path: Path, broker: Broker, queue, out_file, daemons):
+    broker.declare(queue)
+    d = DaemonProcess(tmp_path / "d", daemon_config(queue, "testcb:leak_thread", url=broker.url), env=env_for(TEST_OUT=str(out_file)))
+    d.start()
+    daemons.append(d)
+    d.wait_for_log("consuming from")
+    broker.publish_json(queue, [{"n": 7}])
+    wait_until(lambda: read_rows(out_file), 20, what="the callback ran")
+    assert d.stop(timeout=30) == 0
+    assert re.search(r"exiting with 1 non-daemon thread\(s\) still running.*leaky-7", d.output)

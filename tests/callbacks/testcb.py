@@ -109,3 +109,9 @@ def record_properties(message) -> None:
         timestamp=message.timestamp.isoformat() if message.timestamp else None,
         text=str(message),
     )
+
+
+def leak_thread(message) -> None:
+    """Leaves a non-daemon thread behind that outlives any stop."""
+    threading.Thread(target=time.sleep, args=(3600,), name=f"leaky-{message.body['n']}", daemon=False).start()
+    _record(message)
