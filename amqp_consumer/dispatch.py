@@ -129,8 +129,11 @@ class WorkerPool(ThreadPool):
 class Dispatcher:
     """Runs deliveries through the callback and reports (delivery, outcome) pairs on the reactor thread.
 
-    ``deliveries`` are objects with ``message`` and ``started``/``finished``
-    attributes (see consumer.Delivery); the dispatcher only fills in times.
+    ``deliveries`` are objects with ``message``, ``channel`` (with ``is_open``)
+    and ``started``/``finished`` attributes (see consumer.Delivery); the
+    dispatcher only fills in times. A delivery whose channel has closed by the
+    time its callback would start is reported NOT_RUN: the broker has already
+    requeued it, so running it would run it twice.
     """
 
     def __init__(
@@ -204,9 +207,9 @@ class Dispatcher:
         if self.is_async:
             pending, self._pending = self._pending, []
             for delivery in pending:
-                if self.accepting:
+                if self.accepting and delivery.channel.is_open:
                     self._run_async(delivery)
-                else:  # a HaltConsumer earlier in this turn: the rest go back unrun
+                else:  # a HaltConsumer earlier in this turn, or a lost channel: not run
                     self._on_results((delivery,), (NOT_RUN,))
             return
         free = self.workers - self._busy
@@ -229,7 +232,9 @@ class Dispatcher:
         out: list[tuple] = []
         append = out.append
         for delivery in batch:
-            if not self.accepting:
+            # Read on this worker thread, but only ever set on the reactor's: a
+            # channel lost while the batch waited or ran turns the rest of it away.
+            if not self.accepting or not delivery.channel.is_open:
                 append(NOT_RUN)
                 continue
             delivery.started = monotonic()

@@ -13,11 +13,16 @@ from amqp_consumer.message import Message
 from amqp_consumer.outcomes import HaltConsumer, Nack
 
 
+class Ch:
+    is_open = True
+
+
 class D:
     """A delivery as the dispatcher sees it."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, channel: Ch | None = None) -> None:
         self.message = Message(body=b'{"n": %d}' % n, content_type="application/json", delivery_tag=n)
+        self.channel = channel or Ch()
         self.started: float | None = None
         self.finished: float | None = None
 
@@ -141,3 +146,31 @@ def test_halt_stops_the_callbacks_after_it_in_the_same_turn():
     assert ran == [1]
     assert [(tag, o[0]) for tag, o in results] == [(1, "halt"), (2, "not-run"), (3, "not-run")]
     assert dispatcher.busy == 0
+
+
+def test_no_callback_starts_on_a_delivery_whose_channel_closed_meanwhile():
+    """The broker requeued it when the channel closed: running it would run it twice."""
+    ch = Ch()
+    ran = []
+
+    async def cb(message):
+        ran.append(message.body["n"])
+        ch.is_open = False  # say the connection dropped while this one ran
+
+    _, dispatcher, results = run(cb, D(1, ch), D(2, ch), D(3))
+    assert ran == [1, 3]
+    assert [(tag, o[0]) for tag, o in results] == [(1, "ack"), (2, "not-run"), (3, "ack")]
+
+
+def test_a_sync_batch_skips_the_deliveries_of_a_channel_closed_while_it_ran():
+    ch = Ch()
+    ran = []
+
+    def cb(message):
+        ran.append(message.body["n"])
+        ch.is_open = False
+
+    dispatcher = Dispatcher(Clock(), cb, workers=1, on_results=lambda batch, outcomes: None)
+    outcomes = dispatcher._run_batch([D(1, ch), D(2, ch), D(3, ch), D(4)])  # as the worker thread runs it
+    assert ran == [1, 4]
+    assert [o[0] for o in outcomes] == ["ack", "not-run", "not-run", "ack"]
