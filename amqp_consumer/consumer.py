@@ -80,11 +80,14 @@ class InFlight:
 
     def remove(self, d: Delivery) -> bool:
         by_tag = self._by_channel.get(d.channel)
-        if by_tag is None or by_tag.pop(d.tag, None) is None:
-            return False
-        if not by_tag and not d.channel.is_open:
-            del self._by_channel[d.channel]
-        return True
+        return by_tag is not None and by_tag.pop(d.tag, None) is not None
+
+    def drop_channel(self, channel: Channel) -> int:
+        """Forget a closed channel and what it held: the broker has requeued those
+        deliveries, so they are no longer in flight here (a callback still running
+        on one is the dispatcher's to count). Returns how many there were."""
+        by_tag = self._by_channel.pop(channel, None)
+        return len(by_tag) if by_tag else 0
 
     def lowest_tag(self, channel: Channel) -> int | None:
         by_tag = self._by_channel.get(channel)
@@ -92,9 +95,6 @@ class InFlight:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_channel.values())
-
-    def on_channel(self, channel: Channel) -> int:
-        return len(self._by_channel.get(channel, ()))
 
     def oldest_age(self) -> float:
         firsts = [next(iter(v.values())).received for v in self._by_channel.values() if v]
@@ -195,12 +195,17 @@ class Consumer(Service):
         for d in self.dispatcher.take_pending():
             self._settle(d, NOT_RUN)
         timed_out = False
-        if len(self.inflight):
+        if not self._drained_now():
             timeout = self.config.consumer.drain_timeout
-            log.info("draining: waiting up to {t:g} s for {n} in-flight deliveries", t=timeout, n=len(self.inflight))
+            log.info(
+                "draining: waiting up to {t:g} s for {n} in-flight deliveries ({b} running)",
+                t=timeout,
+                n=len(self.inflight),
+                b=self.dispatcher.busy,
+            )
             self._drained = Deferred()
             await _first(self._reactor, [self._drained, self._skip_wait], timeout)
-            if len(self.inflight):
+            if not self._drained_now():
                 timed_out = True
                 log.warn(
                     "drain ended with {n} deliveries unfinished; the broker requeues them", n=len(self.inflight)
@@ -304,7 +309,9 @@ class Consumer(Service):
     def _channel_closed(self, ch: Channel, session: Session, error: ChannelClosed) -> None:
         for d in self.dispatcher.discard(lambda d: d.channel is not ch):
             self._done(d)  # never started; the broker requeues it
+        returned = self.inflight.drop_channel(ch)
         self._acks.pop(ch, None)
+        self._check_drained()
         if ch is not self._channel:
             return
         self._channel = None
@@ -321,7 +328,7 @@ class Consumer(Service):
             "the broker closed our channel: {why}; {n} unsettled deliveries go back to the queue; "
             "opening a new channel in {delay:.1f} s",
             why=error,
-            n=self.inflight.on_channel(ch),
+            n=returned,
             delay=delay,
         )
         self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(self._open(session)))
@@ -455,7 +462,15 @@ class Consumer(Service):
 
     def _done(self, d: Delivery) -> None:
         self.inflight.remove(d)
-        if self._drained is not None and not self._drained.called and not len(self.inflight):
+        if self._drained is not None:
+            self._check_drained()
+
+    def _drained_now(self) -> bool:
+        """Nothing in flight and no callback running, not even one whose channel is gone."""
+        return not len(self.inflight) and not self.dispatcher.busy
+
+    def _check_drained(self) -> None:
+        if self._drained is not None and not self._drained.called and self._drained_now():
             self._drained.callback(None)
 
     def _send(self, d: Delivery, outcome: str | None, send: Callable[[], None]) -> None:

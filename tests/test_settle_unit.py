@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from amqp_consumer.config import load
+from amqp_consumer.connection import ChannelClosed
 from amqp_consumer.consumer import Consumer
 from amqp_consumer.dispatch import ACK, NOT_RUN, REJECT, REQUEUE, classify, halt
 from amqp_consumer.message import Message
@@ -212,3 +213,49 @@ def test_a_pending_retry_or_a_pause_is_not_mistaken_for_being_stuck(consumer):
     for _ in range(20):
         reactor.advance(10)
     assert opened == []
+
+
+def close(c: Consumer, ch: FakeChannel) -> None:
+    """The channel closes (connection lost): the consumer's close listener runs."""
+    ch.is_open = False
+    c._channel_closed(ch, None, ChannelClosed(0, "connection lost", False))  # type: ignore[arg-type]
+
+
+def test_deliveries_of_a_closed_channel_are_no_longer_in_flight(consumer):
+    """The broker requeued them; counting them would show work that exists elsewhere."""
+    reactor, c = consumer
+    ch = FakeChannel()
+    ds = deliver(c, ch, [1, 2, 3])
+    assert c._live_metrics()["amqp_consumer_inflight"] == 3
+    close(c, ch)
+    assert c._live_metrics()["amqp_consumer_inflight"] == 0
+    assert c.inflight.snapshot() == []
+    c._results(ds, [ACK, REQUEUE, ACK])  # their callbacks finish later: nothing to send, nothing breaks
+    reactor.advance(0)
+    assert ch.sent == [] and len(c.inflight) == 0
+
+
+def test_closed_channels_do_not_pile_up_in_the_in_flight_registry(consumer):
+    reactor, c = consumer
+    for _ in range(40):  # 40 reconnects, each after its deliveries were settled
+        ch = FakeChannel()
+        c._results(deliver(c, ch, [1]), [ACK])
+        reactor.advance(0)
+        close(c, ch)
+    assert c.inflight._by_channel == {}
+
+
+def test_the_drain_waits_for_a_callback_still_running_on_a_lost_channel(consumer):
+    """Not in flight any more, but its thread is busy: the pool must not be joined under it."""
+    reactor, c = consumer
+    ch = FakeChannel()
+    c.startService()
+    ds = deliver(c, ch, [1])
+    close(c, ch)
+    c.dispatcher._busy = 1  # its callback is still running
+    stopping = c.stopService()
+    reactor.advance(10)
+    assert not stopping.called
+    c.dispatcher._busy = 0
+    c._results(ds, [ACK])
+    assert stopping.called and ch.sent == []
