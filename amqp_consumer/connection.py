@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from amqp_consumer.config import AMQPConfig, Config, redact_url
 from amqp_consumer.message import Message, utc_from_epoch
+from amqp_consumer.stall import StallWatch
 
 log = Logger(namespace="amqp_consumer.connection")
 
@@ -106,6 +107,27 @@ class _Protocol(TwistedProtocolConnection):
     """Keep the broker's real reason instead of pika's generic errors."""
 
     _broker_close: Exception | None = None
+    _stalled: Exception | None = None
+    _watch: StallWatch | None = None
+
+    def watch_for_stalls(self, clock: Any) -> None:
+        """Once open: drop the connection after two heartbeat intervals without a byte from the broker."""
+        heartbeat = self._impl.params.heartbeat  # as negotiated with the broker
+        if heartbeat:
+            self._watch = StallWatch(clock, 2.0 * heartbeat, self._on_stall)
+
+    def _on_stall(self, quiet: float) -> None:
+        self._stalled = AMQPError(
+            f"nothing received from the broker for {quiet:.1f} s (two heartbeat intervals); the connection is dead"
+        )
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        watch = self._watch
+        if watch is not None:
+            watch.received()
+        self._impl.data_received(data)
 
     def connectionMade(self) -> None:
         # pika's own adapters set TCP_NODELAY; Twisted's transports do not. Without
@@ -119,6 +141,8 @@ class _Protocol(TwistedProtocolConnection):
         # pika's adapter replaces the reason the broker gave in Connection.Close
         # (403 ACCESS_REFUSED for a wrong password, 530 for a vhost) with
         # ConnectionDone once the socket closes; keep the broker's reason.
+        if self._watch is not None:
+            self._watch.stop()
         pending = getattr(self._impl, "_error", None)
         if isinstance(pending, pika_exc.ConnectionClosedByBroker):
             self._broker_close = pending
@@ -130,7 +154,7 @@ class _Protocol(TwistedProtocolConnection):
             d.errback(self._broker_close or error or pika_exc.AMQPConnectionError("handshake failed"))
 
     def _on_connection_closed(self, connection: Any, exception: Exception) -> None:
-        super()._on_connection_closed(connection, self._broker_close or exception)
+        super()._on_connection_closed(connection, self._broker_close or self._stalled or exception)
 
 
 @dataclass(frozen=True)
@@ -280,6 +304,7 @@ class Connector(Service):
             if timer.active():
                 timer.cancel()
             log.info("connected to {url}", url=self.target)
+            proto.watch_for_stalls(self._reactor)
             session = Session(proto, self._reactor)
             self.session = session
             session.closed.addCallback(self._lost, session)
