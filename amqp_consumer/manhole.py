@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pprint
 import pydoc
+import secrets
 import stat
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -80,7 +81,7 @@ def load_or_create_host_key(path: str) -> keys.Key:
 def _create_host_key(path: str) -> keys.Key:
     key = keys.Key(Ed25519PrivateKey.generate())
     data = key.toString("openssh")
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -89,13 +90,19 @@ def _create_host_key(path: str) -> keys.Key:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        # link, not rename: two instances starting together on one state
+        # directory must end up with the same key, not each with its own.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return load_or_create_host_key(path)  # the other one was first
     except OSError as e:
+        raise ConfigError("manhole.host_key", f"cannot create {path!r}: {_why(e)}") from None
+    finally:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise ConfigError("manhole.host_key", f"cannot create {path!r}: {_why(e)}") from None
     log.info(
         "manhole: generated a new ed25519 host key in {path} ({fingerprint})",
         path=path,

@@ -80,6 +80,24 @@ def test_missing_host_key_is_generated_ed25519_mode_0600_and_reused(tmp_path: Pa
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
+def test_two_instances_creating_the_host_key_at_once_end_up_with_the_same_key(tmp_path: Path, monkeypatch) -> None:
+    """amqp-consumer@a and @b share the state directory: the loser of the race uses the winner's key."""
+    path = tmp_path / "manhole_host_key"
+    generate = manhole.Ed25519PrivateKey.generate
+    other: list = []
+
+    def other_instance_writes_its_key_meanwhile():
+        monkeypatch.setattr(manhole.Ed25519PrivateKey, "generate", generate)
+        other.append(manhole.load_or_create_host_key(str(path)))
+        return generate()
+
+    monkeypatch.setattr(manhole.Ed25519PrivateKey, "generate", other_instance_writes_its_key_meanwhile)
+    ours = manhole.load_or_create_host_key(str(path))
+    assert ours.fingerprint() == other[0].fingerprint()
+    assert manhole.load_or_create_host_key(str(path)).fingerprint() == ours.fingerprint()
+    assert list(tmp_path.iterdir()) == [path]
+
+
 def test_unusable_host_key_files_are_config_errors(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage"
     garbage.write_text("not a key\n")
