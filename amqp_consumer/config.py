@@ -108,6 +108,10 @@ class AMQPConfig:
         default=("amqp://guest:guest@127.0.0.1:5672/%2F",),
         check=_amqp_urls,
     )
+    shuffle: bool = _key(
+        "try the urls in a random order, drawn once at start, so that daemons sharing a config spread over a cluster's nodes",
+        default=False,
+    )
     heartbeat: int = _key("AMQP heartbeat in seconds; 0 turns it off", default=15, check=_range(0, 3600, "whole seconds"))
     connection_name: str = _key("connection name shown by the broker; empty = amqp-consumer@HOST", default="")
     connect_timeout: float = _key("seconds allowed for TCP, TLS and AMQP handshakes", default=10.0, check=_range(0.1, 600, "seconds"))

@@ -7,6 +7,7 @@ the day it goes, one file changes. The rest of the daemon sees ``Connector``
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -30,6 +31,7 @@ from zope.interface import implementer
 from amqp_consumer.config import AMQPConfig, Config, redact_url
 from amqp_consumer.message import Message, utc_from_epoch
 from amqp_consumer.stall import StallWatch
+from amqp_consumer.state import BrokerNode
 
 log = Logger(namespace="amqp_consumer.connection")
 
@@ -160,11 +162,14 @@ class _Protocol(TwistedProtocolConnection):
 @dataclass(frozen=True)
 class _Target:
     display: str
+    address: str  # host:port, which names the node: the broker does not send its node name
     endpoint: IStreamClientEndpoint
     params: pika.ConnectionParameters
 
 
-def _targets(reactor: Any, config: AMQPConfig) -> list[_Target]:
+def _targets(reactor: Any, config: AMQPConfig, rng: random.Random) -> list[_Target]:
+    """One target per URL, in the configured order or, with amqp.shuffle, in a random one
+    drawn once: daemons sharing a config then spread their first connections over the nodes."""
     out = []
     name = config.connection_name or f"amqp-consumer@{socket.gethostname()}"
     for url in config.urls:
@@ -180,7 +185,10 @@ def _targets(reactor: Any, config: AMQPConfig) -> list[_Target]:
         endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout)
         if tls:
             endpoint = wrapClientTLS(_tls_options(host, config), endpoint)
-        out.append(_Target(redact_url(url), endpoint, params))
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        out.append(_Target(redact_url(url), address, endpoint, params))
+    if config.shuffle:
+        rng.shuffle(out)
     return out
 
 
@@ -252,13 +260,14 @@ class Connector(Service):
         on_session: Callable[[Session], None],
         on_failure: Callable[[str], None],
         on_fatal: Callable[[Exception], None],
+        rng: random.Random | None = None,
     ) -> None:
         self._reactor = reactor
         self._config = config
         self._on_session = on_session
         self._on_failure = on_failure
         self._on_fatal = on_fatal
-        self._rr = _RoundRobin(_targets(reactor, config), reactor)
+        self._rr = _RoundRobin(_targets(reactor, config, rng or random.Random()), reactor)
         self._service = ClientService(
             self._rr,
             self._rr,
@@ -303,9 +312,9 @@ class Connector(Service):
         def opened(_: Any) -> None:
             if timer.active():
                 timer.cancel()
-            log.info("connected to {url}", url=self.target)
             proto.watch_for_stalls(self._reactor)
-            session = Session(proto, self._reactor)
+            session = Session(proto, self._reactor, self._rr.current.address)
+            log.info("connected to {url} ({broker})", url=self.target, broker=session.node.describe())
             self.session = session
             session.closed.addCallback(self._lost, session)
             self._on_session(session)
@@ -336,15 +345,19 @@ class Connector(Service):
                 self._on_fatal(error)
             else:
                 log.warn("connection to {url} lost: {why}", url=self.target, why=error or "closed")
+            # A lost node is likely still down: the next attempt goes to the next URL
+            # (a cluster's next node) rather than spending a backoff step on it.
+            self._rr.advance()
             self._on_failure(f"connection lost: {error or 'closed'}")
 
 
 class Session:
     """One open AMQP connection."""
 
-    def __init__(self, proto: _Protocol, reactor: Any) -> None:
+    def __init__(self, proto: _Protocol, reactor: Any, address: str) -> None:
         self._proto = proto
         self._reactor = reactor
+        self.node = _broker_node(address, proto._impl.server_properties or {})
         self.closing = False
         self.closed: Deferred = proto.closed if proto.closed is not None else defer.succeed(None)
         self.blocked: Callable[[bool, str], None] = lambda blocked, why: None
@@ -390,6 +403,16 @@ class Session:
             else:
                 log.warn("the broker did not answer connection.close within {t:g} s; dropping the connection", t=timeout)
                 transport.abortConnection()
+
+
+def _broker_node(address: str, props: Mapping[str, Any]) -> BrokerNode:
+    """What connection.start told us about the broker; text only, as brokers may send bytes."""
+
+    def text(key: str) -> str:
+        value = props.get(key, "")
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    return BrokerNode(address, text("product"), text("version"), text("cluster_name"))
 
 
 class Channel:

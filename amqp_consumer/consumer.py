@@ -53,6 +53,14 @@ def configured_name(label: str) -> str:
     return "" if label == "(server-named)" else label
 
 
+def single_active_queues(config: Config) -> list[str]:
+    """Consumed queues declared with x-single-active-consumer (one consumer gets deliveries, the rest wait)."""
+    declared = {q.name: q for q in config.queues}
+    return [
+        q for q in config.consumed_queues if q in declared and declared[q].arguments.get("x-single-active-consumer") is True
+    ]
+
+
 class Delivery:
     __slots__ = ("channel", "tag", "message", "label", "received", "started", "finished")
 
@@ -157,7 +165,9 @@ class Consumer(Service):
         self._skip_wait: Deferred | None = None
         self.halt_code: int | None = None
         state.broker = self.connector.target
+        state.watch_single_active(single_active_queues(config))
         metrics.watch(self._live_metrics, lambda: state.connection)
+        metrics.watch_node(lambda: state.node)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -238,7 +248,7 @@ class Consumer(Service):
         self._session = session
         self.publisher.attach(session)
         session.blocked = self._blocked
-        self.state.set_connection("connected", "", broker=self.connector.target)
+        self.state.set_connection("connected", "", broker=self.connector.target, node=session.node)
         self._retry_attempt = 0
         defer.ensureDeferred(self._open(session))
 
@@ -289,6 +299,9 @@ class Consumer(Service):
         real = self._names.get(q, q)
         label = queue_label(q)
         on_delivery = self._make_on_delivery(label)
+        if q in self.state.single_active:
+            self.state.set_active(q, False)
+            on_delivery = self._first_delivery_marks_active(q, on_delivery)
         try:
             tag = await ch.consume(real, on_delivery, on_cancel=lambda: self._cancelled(ch, q))
         except ChannelClosed as e:
@@ -425,6 +438,19 @@ class Consumer(Service):
             received[label] += 1
             state.last_delivery = time()
             submit(d)
+
+        return on_delivery
+
+    def _first_delivery_marks_active(self, q: str, inner: Callable[[Channel, int, Message], None]) -> Callable[[Channel, int, Message], None]:
+        """A delivery is the only sign a single-active-consumer queue gives that our consumer is the active one."""
+        state = self.state
+        first = [True]
+
+        def on_delivery(channel: Channel, tag: int, message: Message) -> None:
+            if first[0]:
+                first[0] = False
+                state.set_active(q, True)
+            inner(channel, tag, message)
 
         return on_delivery
 
@@ -567,6 +593,7 @@ class Consumer(Service):
             "amqp_consumer_oldest_inflight_seconds": self.inflight.oldest_age(),
             "amqp_consumer_connected": 1.0 if s.connection == "connected" else 0.0,
             "amqp_consumer_ready": 1.0 if s.readiness()[0] else 0.0,
+            "amqp_consumer_standby": 1.0 if s.standby() else 0.0,
             "amqp_consumer_blocked": 1.0 if s.blocked else 0.0,
             "amqp_consumer_reconnects_total": s.reconnects,
             "amqp_consumer_last_delivery_timestamp_seconds": s.last_delivery or 0.0,

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
+from amqp_consumer.state import BrokerNode
+
 # No "<name>_created" series next to every counter and histogram: they double
 # the exposition and say nothing the process start time does not.
 if hasattr(prometheus_client, "disable_created_metrics"):
@@ -36,6 +38,7 @@ class _Live:
             "amqp_consumer_oldest_inflight_seconds": "Age of the oldest unsettled delivery",
             "amqp_consumer_connected": "1 while an AMQP connection is open",
             "amqp_consumer_ready": "1 while consuming on every configured queue",
+            "amqp_consumer_standby": "1 while a single-active-consumer queue has sent this consumer nothing yet",
             "amqp_consumer_blocked": "1 while the broker blocks publishing (memory or disk alarm)",
             "amqp_consumer_reconnects_total": "Reconnections after a lost connection",
             "amqp_consumer_last_delivery_timestamp_seconds": "Unix time of the last delivery",
@@ -52,6 +55,24 @@ class _Live:
         family = GaugeMetricFamily("amqp_consumer_connection_state", "1 for the current connection state", labels=["state"])
         for state in CONNECTION_STATES:
             family.add_metric([state], 1.0 if state == current else 0.0)
+        yield family
+
+
+class _Node:
+    """Which node we are connected to, and what it runs: one series while connected, none otherwise."""
+
+    def __init__(self, read: Callable[[], BrokerNode | None]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterable[Any]:
+        family = GaugeMetricFamily(
+            "amqp_consumer_connected_node",
+            "1 for the broker node (host:port of its URL) of the open AMQP connection",
+            labels=["node", "cluster", "version"],
+        )
+        node = self._read()
+        if node is not None:
+            family.add_metric([node.node, node.cluster_name, node.version], 1.0)
         yield family
 
 
@@ -122,6 +143,10 @@ class Metrics:
     def watch(self, read: Callable[[], dict[str, float]], connection_state: Callable[[], str]) -> None:
         """Figures read at scrape time, so they can never disagree with the state they come from."""
         self.registry.register(_Live(read, connection_state))
+
+    def watch_node(self, read: Callable[[], BrokerNode | None]) -> None:
+        """read() gives the node of the open connection, or None."""
+        self.registry.register(_Node(read))
 
     def value(self, outcome: str, queue: str) -> float:
         return self.counters[outcome][queue]
