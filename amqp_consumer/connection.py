@@ -17,7 +17,7 @@ import pika
 import pika.credentials
 from pika import exceptions as pika_exc
 from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from amqp_consumer.backoff import Backoff
 from amqp_consumer.config import AMQPConfig, Config, redact_url
 from amqp_consumer.message import Message, utc_from_epoch
 from amqp_consumer.stall import StallWatch
@@ -46,7 +47,21 @@ class AMQPError(Exception):
 
 
 class AccessRefused(AMQPError):
-    """Credentials, vhost or permissions refused: restarting will not help."""
+    """Credentials or the virtual host refused at login: restarting will not help.
+
+    A refusal on a queue or exchange (403 on a channel: missing permission, or a
+    queue another client holds exclusively) is not this: it can clear by itself
+    or be fixed on the broker, so it is retried.
+    """
+
+
+class ConnectionClosed(AMQPError):
+    """The broker closed the whole connection (a hard error such as 503 COMMAND_INVALID)."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(f"the broker closed the connection: {code} {text}")
+        self.code = code
+        self.text = text
 
 
 class ChannelClosed(AMQPError):
@@ -70,9 +85,7 @@ def _translate(error: Any) -> Exception:
     if isinstance(error, pika_exc.ProbableAccessDeniedError):
         return AccessRefused(f"the broker denied access to the virtual host ({_pika_text(error)})")
     if isinstance(error, pika_exc.ConnectionClosedByBroker):
-        if error.reply_code in (403, 530):
-            return AccessRefused(f"the broker refused access: {error.reply_code} {error.reply_text}")
-        return AMQPError(f"the broker closed the connection: {error.reply_code} {error.reply_text}")
+        return ConnectionClosed(error.reply_code, error.reply_text)
     if isinstance(error, pika_exc.ChannelClosed):
         return ChannelClosed(
             error.reply_code, error.reply_text, isinstance(error, pika_exc.ChannelClosedByBroker)
@@ -84,6 +97,16 @@ def _translate(error: Any) -> Exception:
     if isinstance(error, AMQPError):
         return error
     return AMQPError(_tls_or_plain_text(error))
+
+
+def _refused_at_login(error: Exception) -> AccessRefused | None:
+    """The handshake's refusals that need an operator: credentials, or access to the vhost."""
+    if isinstance(error, AccessRefused):
+        return error
+    if isinstance(error, ConnectionClosed) and error.code in (403, 530) and "is down" not in error.text:
+        # 530 also says "vhost ... is down" while a vhost restarts: that one passes.
+        return AccessRefused(f"the broker refused access: {error.code} {error.text}")
+    return None
 
 
 def _pika_text(error: Exception) -> str:
@@ -220,10 +243,11 @@ class _RoundRobin(Factory):
 
     noisy = False  # no "Starting factory" line per reconnect
 
-    def __init__(self, targets: list[_Target], reactor: Any) -> None:
+    def __init__(self, targets: list[_Target], reactor: Any, next_delay: Callable[[], float]) -> None:
         self._targets = targets
         self._index = 0
         self._reactor = reactor
+        self._next_delay = next_delay
 
     @property
     def current(self) -> _Target:
@@ -237,7 +261,12 @@ class _RoundRobin(Factory):
         d = target.endpoint.connect(protocolFactory)
 
         def failed(f: Failure) -> Failure:
-            log.warn("cannot connect to {url}: {why}", url=target.display, why=_translate(f))
+            log.warn(
+                "cannot connect to {url}: {why}; retrying in {delay:.1f} s",
+                url=target.display,
+                why=_translate(f),
+                delay=self._next_delay(),
+            )
             self.advance()
             return f
 
@@ -267,11 +296,16 @@ class Connector(Service):
         self._on_session = on_session
         self._on_failure = on_failure
         self._on_fatal = on_fatal
-        self._rr = _RoundRobin(_targets(reactor, config, rng or random.Random()), reactor)
+        # Says what a lost connection was in the middle of, when that explains the loss
+        # better than "connection lost" (the broker refusing the topology, say).
+        self.explain_loss: Callable[[AMQPError], str | None] = lambda error: None
+        self._backoff = Backoff(config.reconnect_min_delay, config.reconnect_max_delay)
+        self._planned: float | None = None
+        self._rr = _RoundRobin(_targets(reactor, config, rng or random.Random()), reactor, self._plan_retry)
         self._service = ClientService(
             self._rr,
             self._rr,
-            retryPolicy=backoffPolicy(config.reconnect_min_delay, config.reconnect_max_delay),
+            retryPolicy=self._retry_delay,
             clock=reactor,
             prepareConnection=self._handshake,
         )
@@ -304,6 +338,25 @@ class Connector(Service):
         super().stopService()
         return defer.ensureDeferred(self.close())
 
+    # Backoff. ClientService counts failed attempts itself but restarts the count at
+    # every handshake that succeeds, so a broker that accepts the connection and then
+    # refuses the topology was retried at the minimum delay forever. The count here
+    # restarts only when the consumer says consuming has started (reset_backoff).
+
+    def reset_backoff(self) -> None:
+        self._backoff.reset()
+
+    def _plan_retry(self) -> float:
+        """The delay before the next attempt, fixed now so the failure's log line can say it."""
+        if self._planned is None:
+            self._planned = self._backoff.next()
+        return self._planned
+
+    def _retry_delay(self, _attempt: int) -> float:
+        delay = self._plan_retry()
+        self._planned = None
+        return delay
+
     def _handshake(self, proto: _Protocol) -> Deferred:
         ready = proto.ready
         assert ready is not None
@@ -323,11 +376,17 @@ class Connector(Service):
             if timer.active():
                 timer.cancel()
             error = _translate(f)
-            if isinstance(error, AccessRefused):
-                log.error("{url}: {why}", url=self.target, why=error)
-                self._on_fatal(error)
+            refused = _refused_at_login(error)
+            if refused is not None:
+                log.error("{url}: {why}", url=self.target, why=refused)
+                self._on_fatal(refused)
             else:
-                log.warn("AMQP handshake with {url} failed: {why}", url=self.target, why=error)
+                log.warn(
+                    "AMQP handshake with {url} failed: {why}; retrying in {delay:.1f} s",
+                    url=self.target,
+                    why=error,
+                    delay=self._plan_retry(),
+                )
                 self._on_failure(str(error))
             self._rr.advance()
             if proto.transport is not None:
@@ -339,16 +398,18 @@ class Connector(Service):
     def _lost(self, reason: Exception, session: Session) -> None:
         if self.session is session:
             self.session = None
-        error = _translate(reason) if reason is not None else None
+        error = _translate(reason) if reason is not None else AMQPError("closed")
         if self.running and not session.closing:
-            if isinstance(error, AccessRefused):
-                self._on_fatal(error)
+            delay = self._plan_retry()
+            explained = self.explain_loss(error) if isinstance(error, AMQPError) else None
+            if explained:
+                log.error("{why}; reconnecting in {delay:.1f} s", why=explained, delay=delay)
             else:
-                log.warn("connection to {url} lost: {why}", url=self.target, why=error or "closed")
+                log.warn("connection to {url} lost: {why}; reconnecting in {delay:.1f} s", url=self.target, why=error, delay=delay)
             # A lost node is likely still down: the next attempt goes to the next URL
             # (a cluster's next node) rather than spending a backoff step on it.
             self._rr.advance()
-            self._on_failure(f"connection lost: {error or 'closed'}")
+            self._on_failure(explained or f"connection lost: {error}")
 
 
 class Session:
@@ -366,6 +427,10 @@ class Session:
             lambda _c, frame: self.blocked(True, getattr(frame.method, "reason", "") or "")
         )
         impl.add_on_connection_unblocked_callback(lambda _c, _frame: self.blocked(False, ""))
+
+    @property
+    def is_open(self) -> bool:
+        return not self.closing and self._proto._impl.is_open
 
     async def channel(self) -> Channel:
         try:

@@ -7,7 +7,6 @@ acked: the broker has already put it back in its queue.
 
 from __future__ import annotations
 
-import random
 from datetime import datetime, timezone
 from time import monotonic, time
 from typing import Any, Callable, Sequence
@@ -18,13 +17,14 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from amqp_consumer import exitcodes
+from amqp_consumer import exitcodes, refusals
+from amqp_consumer.backoff import Backoff
 from amqp_consumer.config import Config
 from amqp_consumer.connection import (
-    AccessRefused,
     AMQPError,
     Channel,
     ChannelClosed,
+    ConnectionClosed,
     Connector,
     Session,
     message_properties,
@@ -150,14 +150,21 @@ class Consumer(Service):
         self.dispatcher = Dispatcher(reactor, callback, config.consumer.workers, self._results)
         self.publisher = Publisher()
         self.connector = Connector(reactor, config.amqp, self._session_up, self._connection_failed, self._on_fatal)
+        self.connector.explain_loss = self._explain_loss
         self._session: Session | None = None
         self._channel: Channel | None = None
         self._names: dict[str, str] = {}
         self._tags: dict[str, str] = {}
         self._acks: dict[Channel, list[int]] = {}
         self._ack_scheduled = False
-        self._retry_attempt = 0
+        # The channel retries' backoff; like the connector's, it restarts only once
+        # consuming has started on every queue (see _consume).
+        self._retry = Backoff(config.amqp.reconnect_min_delay, config.amqp.reconnect_max_delay)
         self._retry_call: Any = None
+        # The set-up step in progress on the current channel, worded as the start of
+        # its failure line: a refusal closes the channel or the connection, and the
+        # close handler says what was refused.
+        self._setup: str | None = None
         self._stuck_since: float | None = None
         self._stuck_check = task.LoopingCall(self._check_consuming)
         self._stuck_check.clock = reactor
@@ -237,6 +244,7 @@ class Consumer(Service):
         was = self.state.connection
         self._session = None
         self._channel = None
+        self._setup = None
         self._tags.clear()
         self.publisher.attach(None)
         self._acks.clear()  # the channels' close listeners have dropped their deliveries
@@ -249,7 +257,6 @@ class Consumer(Service):
         self.publisher.attach(session)
         session.blocked = self._blocked
         self.state.set_connection("connected", "", broker=self.connector.target, node=session.node)
-        self._retry_attempt = 0
         defer.ensureDeferred(self._open(session))
 
     def _blocked(self, blocked: bool, reason: str) -> None:
@@ -267,33 +274,38 @@ class Consumer(Service):
             ch = await session.channel()
             ch.on_close(lambda error: self._channel_closed(ch, session, error))
             self._channel = ch
+            self._setup = "declaring the topology failed"
             names = await ch.declare(self.config)
             await ch.qos(self.config.consumer.prefetch)
-        except ChannelClosed as e:
-            self._topology_failed(e)
-            return  # the close listener schedules the retry
+        except ChannelClosed:
+            return  # refused: the close listener explains it and schedules the retry
         except AMQPError as e:
-            log.warn("opening a channel failed: {why}", why=e)
+            if session.is_open:  # else the connection went, and the connector reports it
+                log.warn("opening a channel failed: {why}", why=e)
             return
         if session is not self._session or not self.running or ch is not self._channel:
             return
         self._names = names
+        self._setup = None
         if not self.state.paused:
             await self._consume_all(ch)
 
-    def _topology_failed(self, e: ChannelClosed) -> None:
-        if e.code == 403:
-            self._on_fatal(AccessRefused(f"the broker refused a declaration: {e}"))
-            return
-        hint = {
-            406: "an exchange or queue exists with other settings; make [[exchanges]]/[[queues]] match or delete it",
-            404: "a queue or exchange named in the config does not exist; declare it",
-        }.get(e.code, "check the topology in the config")
-        log.error("declaring the topology failed: {why} ({hint})", why=e, hint=hint)
-
     async def _consume_all(self, ch: Channel) -> None:
         for q in self.state.consuming:
+            if ch is not self._channel or not ch.is_open:
+                return  # a refusal closed it: the retry starts over
             await self._consume(ch, q)
+
+    def _refused(self, error: ConnectionClosed | ChannelClosed) -> str | None:
+        """The set-up step that the broker refused, with what to do about it; None outside set-up."""
+        setup, self._setup = self._setup, None
+        if setup is None:
+            return None
+        return f"{setup}: {error.code} {error.text} ({refusals.hint(error.code, error.text)})"
+
+    def _explain_loss(self, error: AMQPError) -> str | None:
+        """A hard error during set-up (503 for an unknown exchange type, say) closes the whole connection."""
+        return self._refused(error) if isinstance(error, ConnectionClosed) else None
 
     async def _consume(self, ch: Channel, q: str) -> None:
         real = self._names.get(q, q)
@@ -302,22 +314,21 @@ class Consumer(Service):
         if q in self.state.single_active:
             self.state.set_active(q, False)
             on_delivery = self._first_delivery_marks_active(q, on_delivery)
+        self._setup = f"cannot consume {real!r}"
         try:
             tag = await ch.consume(real, on_delivery, on_cancel=lambda: self._cancelled(ch, q))
-        except ChannelClosed as e:
-            if e.code == 403:
-                self._on_fatal(AccessRefused(f"the broker refused to let us consume {real!r}: {e}"))
-            elif e.code == 404:
-                log.error("cannot consume {queue!r}: it does not exist; declare it in [[queues]]", queue=real)
-            else:
-                log.error("cannot consume {queue!r}: {why}", queue=real, why=e)
-            return
+        except AMQPError:
+            return  # refused (403 while another client holds it exclusively, 404, ...): the close handler explains and retries
         if ch is not self._channel:
             return
+        self._setup = None
         self._tags[q] = tag
-        self._retry_attempt = 0  # backoff restarts from the minimum after each recovery
         self.state.set_consuming(q, True)
         log.info("consuming from {queue!r} (prefetch {prefetch})", queue=real, prefetch=self.config.consumer.prefetch)
+        if all(self.state.consuming.values()):
+            # Consuming has started: only now do both backoffs start again from the minimum.
+            self._retry.reset()
+            self.connector.reset_backoff()
 
     def _channel_closed(self, ch: Channel, session: Session, error: ChannelClosed) -> None:
         for d in self.dispatcher.discard(lambda d: d.channel is not ch):
@@ -331,19 +342,22 @@ class Consumer(Service):
         self._tags.clear()
         if not error.by_broker or not self.running or session is not self._session or session.closing:
             return  # our own close, or the whole connection went: the connection handler takes over
-        for q in self.state.consuming:
-            self.state.set_consuming(q, False, f"channel closed: {error}")
-        if error.code == 403:
-            self._on_fatal(AccessRefused(f"the broker refused access: {error}"))
-            return
         delay = self._next_retry_delay()
-        log.warn(
-            "the broker closed our channel: {why}; {n} unsettled deliveries go back to the queue; "
-            "opening a new channel in {delay:.1f} s",
-            why=error,
-            n=returned,
-            delay=delay,
-        )
+        refused = self._refused(error)
+        if refused is not None:
+            for q in self.state.consuming:
+                self.state.set_consuming(q, False, refused)
+            log.error("{why}; opening a new channel in {delay:.1f} s", why=refused, delay=delay)
+        else:
+            for q in self.state.consuming:
+                self.state.set_consuming(q, False, f"channel closed: {error}")
+            log.warn(
+                "the broker closed our channel: {why}; {n} unsettled deliveries go back to the queue; "
+                "opening a new channel in {delay:.1f} s",
+                why=error,
+                n=returned,
+                delay=delay,
+            )
         self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(self._open(session)))
 
     def _cancelled(self, ch: Channel, q: str) -> None:
@@ -363,11 +377,11 @@ class Consumer(Service):
         async def again() -> None:
             if ch is not self._channel or not ch.is_open or not self.running or self.state.paused:
                 return
+            self._setup = "declaring the topology failed"
             try:
                 self._names = await ch.declare(self.config)
-            except ChannelClosed as e:
-                self._topology_failed(e)
-                return
+            except AMQPError:
+                return  # the channel's or the connection's close handler explains and retries
             await self._consume(ch, q)
 
         self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(again()))
@@ -402,10 +416,7 @@ class Consumer(Service):
         defer.ensureDeferred(self._open(session))
 
     def _next_retry_delay(self) -> float:
-        a = self.config.amqp
-        delay = min(a.reconnect_max_delay, a.reconnect_min_delay * (2 ** min(self._retry_attempt, 20)))
-        self._retry_attempt += 1
-        return delay * (0.8 + 0.4 * random.random())
+        return self._retry.next()
 
     # --- pause / resume (manhole) ----------------------------------------------------
 

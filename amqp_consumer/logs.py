@@ -134,8 +134,14 @@ def bridge_stdlib(pika_level: str) -> None:
 _PORT_CHATTER = re.compile(r"^(\S+ starting on \d+|\(\S+ Port \d+ Closed\))$")
 
 
-def _port_chatter(event: dict[str, Any]) -> PredicateResult:
+def _twisted_chatter(event: dict[str, Any]) -> PredicateResult:
     if event.get("log_namespace") == "log_legacy" and _PORT_CHATTER.match(formatEvent(event)):
+        return PredicateResult.no
+    # ClientService's "Scheduling retry N ..." counts from 1 again after every
+    # handshake, which misleads; the connector's own failure line gives the delay.
+    if str(event.get("log_namespace", "")).startswith("twisted.application") and str(
+        event.get("log_format", "")
+    ).startswith("Scheduling retry"):
         return PredicateResult.no
     return PredicateResult.maybe
 
@@ -147,7 +153,7 @@ def make_observer(settings: LogSettings | None = None, stream: IO[str] | None = 
     bridge_stdlib(s.pika_level)
     predicates: list[Any] = [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[s.level])]
     if s.level != "debug":
-        predicates.insert(0, _port_chatter)
+        predicates.insert(0, _twisted_chatter)
     return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps), predicates)
 
 

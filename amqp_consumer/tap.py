@@ -26,8 +26,8 @@ class Options(usage.Options):
     synopsis = "--config=FILE [--callback=module:object] [--check]"
     longdesc = (
         "Consume RabbitMQ messages and run a Python callback on each one. "
-        "Exit status: 0 clean stop, 70 unrecoverable failure, 77 broker refused credentials "
-        "or permissions, 78 bad configuration; see amqp-consumer(1)."
+        "Exit status: 0 clean stop, 70 unrecoverable failure, 77 broker refused the login "
+        "or virtual host, 78 bad configuration; see amqp-consumer(1)."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (required); see amqp-consumer.toml(5)."],

@@ -2,7 +2,7 @@
 
 Exit statuses (see amqp_consumer/exitcodes.py): 0 clean stop, HaltConsumer's
 code, 70 the consumer failed unrecoverably, 77 the broker refused our
-credentials or permissions, 78 bad configuration.
+credentials or virtual host at login, 78 bad configuration.
 """
 
 from __future__ import annotations

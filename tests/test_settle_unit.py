@@ -259,3 +259,15 @@ def test_the_drain_waits_for_a_callback_still_running_on_a_lost_channel(consumer
     c.dispatcher._busy = 0
     c._results(ds, [ACK])
     assert stopping.called and ch.sent == []
+
+
+def test_reconnect_delay_keeps_growing_until_consuming_starts(consumer):
+    """ClientService asks with attempt 1 after every handshake that worked; the delay grows anyway."""
+    _, c = consumer
+    connector = c.connector
+    first = [connector._retry_delay(1) for _ in range(6)]
+    assert first[0] <= 1.2 and first[5] >= 0.8 * 32
+    said = connector._plan_retry()  # the failure's log line names the delay ClientService then uses
+    assert connector._retry_delay(1) == said
+    connector.reset_backoff()  # consuming started
+    assert connector._retry_delay(1) <= 1.2
