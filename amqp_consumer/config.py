@@ -17,7 +17,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from amqp_consumer.redact import redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,9 +28,10 @@ else:  # pragma: no cover
 
 
 class ConfigError(Exception):
-    """A configuration problem, worded for the operator as a single line."""
+    """A configuration problem, worded for the operator as a single line (passwords hidden)."""
 
     def __init__(self, where: str, problem: str) -> None:
+        where, problem = redact(where), redact(problem)
         super().__init__(f"{where}: {problem}" if where else problem)
         self.where = where
         self.problem = problem
@@ -204,14 +207,15 @@ _FREE = object()
 
 
 def _describe(value: Any) -> str:
+    """A value echoed in an error: short, and never with a password in it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
         return "an array"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    text = repr(redact(value, whole=True)) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -267,7 +271,7 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
         check = f.metadata.get("check")
         problem = check(value) if check else None
         if problem:
-            raise ConfigError(key, f"{problem}, got {_describe(table[name]) if not isinstance(table[name], str) else repr(redact_text(table[name]))}")
+            raise ConfigError(key, f"{problem}, got {_describe(table[name])}")
         values[name] = value
     return cls(**values)
 
@@ -372,43 +376,44 @@ def schema_keys() -> set[str]:
     return keys
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    try:
-        if parts.port:
-            netloc += f":{parts.port}"
-    except ValueError:
-        pass
-    return urlunsplit(parts._replace(netloc=netloc))
+# The names other modules use for redact(): one rule for URLs, free text and values.
+redact_url = redact
+redact_text = redact
 
-
-_URL_IN_TEXT = re.compile(r"amqps?://[^\s'\"]+")
-
-
-def redact_text(text: str) -> str:
-    """Redact every AMQP URL found in free text."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+# Keys under [consumer.config] whose values are hidden whatever they hold.
+SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "apikey", "api_key", "private")
 
 
 def redacted(config: Config) -> dict[str, Any]:
-    """The config as plain data with secrets hidden (manhole, /status)."""
+    """The config as plain data with secrets hidden (the manhole's `config`).
+
+    Every string goes through redact() (the password of any URL in it), and
+    under consumer.config a key naming a password, secret, token or credential
+    shows '***' whatever its value.
+    """
     data = _plain(config)
-    data["amqp"]["urls"] = [redact_url(u) for u in config.amqp.urls]
+    data["consumer"]["config"] = _hide_secret_keys(data["consumer"]["config"])
     return data
+
+
+def _hide_secret_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) else _hide_secret_keys(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_hide_secret_keys(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, str):
+        return redact(value, whole=True)
     return value

@@ -27,7 +27,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from amqp_consumer.config import redact_text
+from amqp_consumer.redact import redact
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -79,7 +79,7 @@ class LineObserver:
         message_id = event.get("message_id")
         if message_id is not None and not self._json and "{message_id" not in (event.get("log_format") or ""):
             text = f"{text} (message id {message_id})"
-        text = redact_text(text)
+        text = redact(text)
         if self._json:
             record: dict[str, Any] = {
                 "time": datetime.fromtimestamp(event.get("log_time", 0), tz=timezone.utc).isoformat(timespec="milliseconds"),

@@ -43,9 +43,6 @@ log = Logger(namespace="amqp_consumer.manhole")
 
 HOST_KEY_NAME = "manhole_host_key"
 
-# Keys under [consumer.config] whose values are hidden from the shell's `config`.
-_SECRET_WORDS = ("password", "passwd", "secret", "token", "credential", "apikey", "api_key", "private")
-
 
 # --- host key and authorized keys ------------------------------------------------
 
@@ -203,29 +200,15 @@ class _ShownList(list):  # type: ignore[type-arg]
 class RedactedConfig(_Shown):
     """The daemon's configuration as plain data, with secrets redacted.
 
-    Broker URLs show '***' for the password, and values under consumer.config
-    whose key names a password, secret, token or credential show '***'.
+    Any URL-shaped value shows '***' for its password (broker URLs, a dsn
+    under consumer.config), and values under consumer.config whose key names a
+    password, secret, token or credential show '***'.
     Changing it changes nothing: the daemon reads its config once, at start.
     """
 
 
 def redacted_config(config: Config) -> RedactedConfig:
-    data = redacted(config)
-    callback_config = data.get("consumer", {}).get("config")
-    if isinstance(callback_config, dict):
-        data["consumer"]["config"] = _hide_secrets(callback_config)
-    return RedactedConfig(data)
-
-
-def _hide_secrets(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {
-            k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else _hide_secrets(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [_hide_secrets(v) for v in value]
-    return value
+    return RedactedConfig(redacted(config))
 
 
 class Help:

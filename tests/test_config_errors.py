@@ -40,6 +40,8 @@ CASES = [
     ("nothing-to-consume", "[consumer]\ncallback = 'testcb:record'\n", ["consumer.queues", "nothing to consume"]),
     ("bad-endpoint", GOOD + "[health]\nlisten = 'tcp:notaport'\n", ["health.listen", "endpoint"]),
     ("tls-key-without-cert", GOOD + "[amqp.tls]\nkey = '/etc/hostname'\n", ["amqp.tls.cert", "required"]),
+    ("urls-a-string-hides-password", GOOD + "[amqp]\nurls = 'amqp://admin:s3cret@127.0.0.1'\n",
+     ["amqp.urls", "expected an array", "'amqp://admin:***@127.0.0.1'"]),
 ]
 
 
@@ -114,6 +116,30 @@ def test_server_named_queue_rules(tmp_path: Path) -> None:
 def test_redact_url() -> None:
     assert redact_url("amqps://u:p%40ss@host:5671/vh") == "amqps://u:***@host:5671/vh"
     assert redact_url("amqp://host/") == "amqp://host/"
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("postgresql://app:SECRET@db/app", "postgresql://app:***@db/app"),
+        ("amqp://u:SECRET@[::1", "amqp://u:***@[::1"),
+        ("amqp://u:SEC/RET@h/%2F", "amqp://u:***@h/%2F"),
+        ("app:SECRET@db", "app:***@db"),
+        ("to amqp://a:SECRET@h and redis://:SECRET@r:6379/0", "to amqp://a:***@h and redis://:***@r:6379/0"),
+        ("failed: 'amqp://u:SECRET@h', 'amqp://v:SECRET@i'", "failed: 'amqp://u:***@h', 'amqp://v:***@i'"),
+        ("such as amqp://h:5672/%2F, got 'app:***@db'", "such as amqp://h:5672/%2F, got 'app:***@db'"),
+    ],
+)
+def test_redaction_hides_the_password_of_any_url_even_a_broken_one(text: str, shown: str) -> None:
+    from amqp_consumer.redact import redact
+
+    assert redact(text) == shown
+
+
+def test_redaction_of_one_value_hides_a_password_with_a_space() -> None:
+    from amqp_consumer.redact import redact
+
+    assert redact("amqp://u:SEC RET@h", whole=True) == "amqp://u:***@h"
 
 
 def test_example_config_shows_every_key() -> None:

@@ -175,7 +175,7 @@ def make_config(listen: str = "") -> Config:
     return Config(
         amqp=AMQPConfig(urls=(f"amqp://ops:{SECRET}@127.0.0.1:1/%2F",)),
         queues=(QueueConfig(name="q1"),),
-        consumer=ConsumerConfig(callback="opscb:ack", config={"db_password": SECRET, "api": {"token": SECRET}, "n": 3}),
+        consumer=ConsumerConfig(callback="opscb:ack", config={"db_password": SECRET, "api": {"token": SECRET}, "n": 3, "dsn": f"postgresql://app:{SECRET}@db/app"}),
         health=HealthConfig(listen=""),
         manhole=ManholeConfig(listen=listen),
     )
@@ -203,7 +203,9 @@ def test_config_is_redacted(ns) -> None:
     config = space["config"]
     assert SECRET not in repr(config) and SECRET not in str(dict(config))
     assert config["amqp"]["urls"] == ["amqp://ops:***@127.0.0.1:1/%2F"]
-    assert config["consumer"]["config"] == {"db_password": "***", "api": {"token": "***"}, "n": 3}
+    assert config["consumer"]["config"] == {
+        "db_password": "***", "api": {"token": "***"}, "n": 3, "dsn": "postgresql://app:***@db/app"
+    }
 
 
 @pytest_twisted.ensureDeferred
