@@ -17,9 +17,9 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
 
 from amqp_consumer.redact import redact
+from amqp_consumer.urls import check_amqp_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,8 +40,9 @@ class ConfigError(Exception):
 Check = Callable[[Any], "str | None"]
 
 
-def _key(doc: str, *, check: Check | None = None, **kwargs: Any) -> Any:
-    return field(metadata={"doc": doc, "check": check}, **kwargs)
+def _key(doc: str, *, check: Check | None = None, each: Check | None = None, **kwargs: Any) -> Any:
+    """A schema key; `check` judges the whole value, `each` every item of an array."""
+    return field(metadata={"doc": doc, "check": check, "each": each}, **kwargs)
 
 
 def _range(lo: float, hi: float, what: str = "a number") -> Check:
@@ -69,17 +70,7 @@ def _callback_ref(value: str) -> str | None:
 
 
 def _amqp_urls(value: tuple[str, ...]) -> str | None:
-    if not value:
-        return "expected at least one URL"
-    for url in value:
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-            return f"expected amqp://host[:port][/vhost] or amqps://..., got {redact_url(url)!r}"
-        try:
-            parts.port
-        except ValueError:
-            return f"bad port in {redact_url(url)!r}"
-    return None
+    return None if value else "expected at least one URL"
 
 
 def _endpoint(value: str) -> str | None:
@@ -110,6 +101,7 @@ class AMQPConfig:
         "broker URLs, tried in order, the next one on failure",
         default=("amqp://guest:guest@127.0.0.1:5672/%2F",),
         check=_amqp_urls,
+        each=check_amqp_url,
     )
     shuffle: bool = _key(
         "try the urls in a random order, drawn once at start, so that daemons sharing a config spread over a cluster's nodes",
@@ -268,12 +260,21 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
                 raise ConfigError(key, "missing required key")
             continue
         value = _convert(hints[name], table[name], key)
-        check = f.metadata.get("check")
-        problem = check(value) if check else None
-        if problem:
-            raise ConfigError(key, f"{problem}, got {_describe(table[name])}")
+        each = f.metadata.get("each")
+        for i, item in enumerate(value if each else ()):
+            _apply(each, item, f"{key}[{i}]")
+        _apply(f.metadata.get("check"), value, key, table[name])
         values[name] = value
     return cls(**values)
+
+
+def _apply(check: Check | None, value: Any, key: str, raw: Any = None) -> None:
+    """Run one check; its problem becomes a ConfigError that echoes the value it judged."""
+    if check is None:
+        return
+    problem = check(value)
+    if problem:
+        raise ConfigError(key, f"{problem}, got {_describe(value if raw is None else raw)}")
 
 
 def _join(where: str, name: str) -> str:

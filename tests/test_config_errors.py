@@ -40,8 +40,20 @@ CASES = [
     ("nothing-to-consume", "[consumer]\ncallback = 'testcb:record'\n", ["consumer.queues", "nothing to consume"]),
     ("bad-endpoint", GOOD + "[health]\nlisten = 'tcp:notaport'\n", ["health.listen", "endpoint"]),
     ("tls-key-without-cert", GOOD + "[amqp.tls]\nkey = '/etc/hostname'\n", ["amqp.tls.cert", "required"]),
+    # URLs: every one is parsed at load, whatever is wrong with it, and its password never shows.
     ("urls-a-string-hides-password", GOOD + "[amqp]\nurls = 'amqp://admin:s3cret@127.0.0.1'\n",
      ["amqp.urls", "expected an array", "'amqp://admin:***@127.0.0.1'"]),
+    ("url-bad-ipv6", GOOD + "[amqp]\nurls = ['amqp://u:s3cret@[::1']\n", ["amqp.urls[0]", "not a valid URL", "u:***@[::1"]),
+    ("url-option-bad-value", GOOD + "[amqp]\nurls = ['amqp://u:s3cret@127.0.0.1/?frame_max=abc']\n",
+     ["amqp.urls[0]", "'frame_max'", "from 4096 to 131072"]),
+    ("url-option-unknown", GOOD + "[amqp]\nurls = ['amqp://u:s3cret@127.0.0.1/?foo=bar']\n",
+     ["amqp.urls[0]", "unknown URL option 'foo'", "channel_max, frame_max, locale"]),
+    ("url-option-set-elsewhere", GOOD + "[amqp]\nurls = ['amqp://u:s3cret@127.0.0.1/?ssl_options=x']\n",
+     ["amqp.urls[0]", "'ssl_options' is not supported", "[amqp.tls]"]),
+    ("url-user-without-password", GOOD + "[amqp]\nurls = ['amqp://bob@127.0.0.1/']\n", ["amqp.urls[0]", "needs a password"]),
+    ("url-vhost-with-slash", GOOD + "[amqp]\nurls = ['amqp://127.0.0.1/a/b']\n", ["amqp.urls[0]", "%2F"]),
+    ("url-with-spaces", GOOD + "[amqp]\nurls = ['amqp://u:s3 cret@127.0.0.1/']\n", ["amqp.urls[0]", "spaces", "'amqp://u:***@127.0.0.1/'"]),
+    ("url-scheme-less-hides-password", GOOD + "[amqp]\nurls = ['bob:s3cret@127.0.0.1']\n", ["amqp.urls[0]", "amqp://", "'bob:***@127.0.0.1'"]),
 ]
 
 
@@ -56,8 +68,9 @@ def test_bad_config_exits_78_with_one_line(tmp_path: Path, case_id: str, text: s
     assert str(tmp_path / "daemon.toml") in line
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert line.count(" got ") <= 1, line
     assert "Traceback" not in result.stderr + result.stdout
-    assert "s3cret" not in result.stderr + result.stdout
+    assert "s3cret" not in result.stderr + result.stdout and "s3 cret" not in result.stderr + result.stdout
 
 
 def test_missing_file_exits_78(tmp_path: Path) -> None:
@@ -85,6 +98,61 @@ def test_check_passes_a_good_config_and_the_example(tmp_path: Path) -> None:
     )
     assert example.returncode == 0, example.stderr
     assert "OK" in example.stdout
+
+
+def test_check_refuses_a_url_the_daemon_could_not_use(tmp_path: Path) -> None:
+    """--check parses URLs as completely as a start does (it used to pass ?heartbeat=abc)."""
+    result = run_check(GOOD + "[amqp]\nurls = ['amqp://u:s3cret@127.0.0.1/?heartbeat=abc']\n", tmp_path, ["--check"])
+    assert result.returncode == 78, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"amqp-consumer: config error: {tmp_path / 'daemon.toml'}: amqp.urls[0]: URL option 'heartbeat' is not supported: "
+        "set amqp.heartbeat instead, got 'amqp://u:***@127.0.0.1/?heartbeat=abc'"
+    ]
+
+
+URLS_PIKA_REFUSES = [
+    "amqp://u:p@[::1",
+    "amqp://u:p@h/?heartbeat=abc",
+    "amqp://u:p@h/?foo=bar",
+    "amqp://u:p@h/?ssl_options=x",
+    "amqp://bob@h/",
+    "amqp://h:99999/",
+    "amqp://h:port/",
+    "amqpx://h/",
+    "amqp://h/?channel_max=0",
+    "amqp://h/?channel_max=65536",
+    "amqp://h/?frame_max=4095",
+    "amqp://h/?frame_max=131073",
+    "amqp://h/?channel_max=1&channel_max=2",
+    "amqp://h/?heartbeat=-1",
+    "amqp://h/?client_properties=x",
+]
+URLS_PIKA_TAKES = [
+    "amqp://guest:guest@127.0.0.1:5672/%2F",
+    "amqps://u:p%40ss@broker.example:5671/orders",
+    "amqp://[::1]:5672/",
+    "AMQP://h",
+    "amqp://u:p@h/?channel_max=64&frame_max=131072&locale=en_US",
+]
+
+
+@pytest.mark.parametrize("url", URLS_PIKA_REFUSES + URLS_PIKA_TAKES)
+def test_a_url_the_check_accepts_is_one_pika_accepts(url: str) -> None:
+    """Nothing about a URL can fail after load: the check is at least as strict as pika's parser."""
+    import pika
+
+    from amqp_consumer.urls import check_amqp_url
+
+    problem = check_amqp_url(url)
+    try:
+        pika.URLParameters(url)
+        pika_error = None
+    except Exception as e:  # pika raises ValueError, or TypeError for a user without a password
+        pika_error = e
+    if problem is None:
+        assert pika_error is None, f"{url!r} passes the check but pika refuses it: {pika_error!r}"
+    assert (problem is None) == (url in URLS_PIKA_TAKES), (url, problem)
 
 
 def test_callback_option_overrides_the_file(tmp_path: Path) -> None:
