@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from amqp_consumer.arguments import BINDING_ARGUMENTS, EXCHANGE_ARGUMENTS, QUEUE_ARGUMENTS, ArgumentError, check_arguments
 from amqp_consumer.redact import redact
 from amqp_consumer.urls import check_amqp_url
 
@@ -73,6 +74,27 @@ def _amqp_urls(value: tuple[str, ...]) -> str | None:
     return None if value else "expected at least one URL"
 
 
+# Built into every RabbitMQ; plugins add types named x-...
+BUILTIN_EXCHANGE_TYPES = ("direct", "fanout", "topic", "headers")
+
+
+def _exchange_type(value: str) -> str | None:
+    if value in BUILTIN_EXCHANGE_TYPES or (value.startswith("x-") and len(value) > 2):
+        return None
+    return "expected direct, fanout, topic, headers, or a plugin's type named x-... (such as x-consistent-hash)"
+
+
+def _arguments(known: Mapping[str, tuple[str, int | None]]) -> Check:
+    def check(value: Mapping[str, Any]) -> str | None:
+        try:
+            check_arguments(value, known)
+        except ArgumentError as e:
+            raise ConfigError(e.key, f"{e.problem}, got {_describe(e.value)}") from None
+        return None
+
+    return check
+
+
 def _endpoint(value: str) -> str | None:
     if not value:
         return None
@@ -123,10 +145,12 @@ class AMQPConfig:
 @dataclass(frozen=True)
 class ExchangeConfig:
     name: str = _key("exchange name", check=lambda v: None if v else "expected a non-empty name")
-    type: str = _key("direct, fanout, topic, headers, or a plugin type", default="direct")
+    type: str = _key("direct, fanout, topic, headers, or a plugin type (x-...)", default="direct", check=_exchange_type)
     durable: bool = _key("survives a broker restart", default=True)
     auto_delete: bool = _key("deleted when its last binding goes", default=False)
-    arguments: Mapping[str, Any] = _key("x-arguments passed to exchange.declare", default_factory=dict)
+    arguments: Mapping[str, Any] = _key(
+        "x-arguments passed to exchange.declare", default_factory=dict, check=_arguments(EXCHANGE_ARGUMENTS)
+    )
 
 
 @dataclass(frozen=True)
@@ -135,7 +159,11 @@ class QueueConfig:
     durable: bool = _key("survives a broker restart", default=True)
     auto_delete: bool = _key("deleted when its last consumer goes", default=False)
     exclusive: bool = _key("private to this connection, deleted with it", default=False)
-    arguments: Mapping[str, Any] = _key("x-arguments such as x-queue-type or x-dead-letter-exchange", default_factory=dict)
+    arguments: Mapping[str, Any] = _key(
+        "x-arguments such as x-queue-type or x-dead-letter-exchange",
+        default_factory=dict,
+        check=_arguments(QUEUE_ARGUMENTS),
+    )
 
 
 @dataclass(frozen=True)
@@ -143,7 +171,9 @@ class BindingConfig:
     queue: str = _key("a queue from [[queues]]; empty = the server-named queue")
     exchange: str = _key("exchange to bind to", check=lambda v: None if v else "expected a non-empty exchange name")
     routing_keys: tuple[str, ...] = _key("one binding per routing key", default=("",))
-    arguments: Mapping[str, Any] = _key("binding arguments (headers exchanges)", default_factory=dict)
+    arguments: Mapping[str, Any] = _key(
+        "binding arguments (headers exchanges)", default_factory=dict, check=_arguments(BINDING_ARGUMENTS)
+    )
 
 
 @dataclass(frozen=True)
@@ -272,7 +302,10 @@ def _apply(check: Check | None, value: Any, key: str, raw: Any = None) -> None:
     """Run one check; its problem becomes a ConfigError that echoes the value it judged."""
     if check is None:
         return
-    problem = check(value)
+    try:
+        problem = check(value)
+    except ConfigError as e:  # a check that names a key below this one
+        raise ConfigError(_join(key, e.where), e.problem) from None
     if problem:
         raise ConfigError(key, f"{problem}, got {_describe(value if raw is None else raw)}")
 

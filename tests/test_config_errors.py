@@ -54,6 +54,19 @@ CASES = [
     ("url-vhost-with-slash", GOOD + "[amqp]\nurls = ['amqp://127.0.0.1/a/b']\n", ["amqp.urls[0]", "%2F"]),
     ("url-with-spaces", GOOD + "[amqp]\nurls = ['amqp://u:s3 cret@127.0.0.1/']\n", ["amqp.urls[0]", "spaces", "'amqp://u:***@127.0.0.1/'"]),
     ("url-scheme-less-hides-password", GOOD + "[amqp]\nurls = ['bob:s3cret@127.0.0.1']\n", ["amqp.urls[0]", "amqp://", "'bob:***@127.0.0.1'"]),
+    # Topology the broker could never accept.
+    ("exchange-type-unknown", GOOD + "[[exchanges]]\nname = 'x'\ntype = 'bogus'\n",
+     ["exchanges[0].type", "direct, fanout, topic, headers", "x-...", "got 'bogus'"]),
+    ("argument-float", GOOD.replace('name = "q1"', 'name = "q1"\narguments = { "x-message-ttl" = 60000.0 }'),
+     ["queues[0].arguments.x-message-ttl", "write 60000, without the '.0'", "got 60000.0"]),
+    ("argument-fraction", GOOD.replace('name = "q1"', 'name = "q1"\narguments = { "x-my-weight" = [1, 0.5] }'),
+     ["queues[0].arguments.x-my-weight[1]", "fractional", "got 0.5"]),
+    ("argument-wrong-type", GOOD.replace('name = "q1"', 'name = "q1"\narguments = { "x-max-length" = "10" }'),
+     ["queues[0].arguments.x-max-length", "must be a whole number", "got '10'"]),
+    ("argument-out-of-range", GOOD.replace('name = "q1"', 'name = "q1"\narguments = { "x-max-priority" = 300 }'),
+     ["queues[0].arguments.x-max-priority", "from 0 to 255", "got 300"]),
+    ("argument-date-alone", GOOD + "[[bindings]]\nqueue = 'q1'\nexchange = 'amq.headers'\narguments = { since = 2024-05-01 }\n",
+     ["bindings[0].arguments.since", "date or a time alone", "datetime.date(2024, 5, 1)"]),
 ]
 
 
