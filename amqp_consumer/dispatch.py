@@ -28,7 +28,7 @@ log = Logger(namespace="amqp_consumer.dispatch")
 
 
 class CallbackInitError(Exception):
-    """The callback class could not be instantiated: the consumer cannot start."""
+    """The callback could not be set up (its module exited on import, its class's constructor raised)."""
 
 
 # --- outcomes -------------------------------------------------------------------
@@ -65,7 +65,7 @@ def classify(error: BaseException, tb: str | None = None) -> tuple:
 
 
 def load_callback(ref: str) -> Any:
-    """Import 'module:object'; every failure is a one-line ConfigError."""
+    """Import 'module:object'; a failure is a one-line ConfigError (CallbackInitError if the module exits)."""
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -77,6 +77,10 @@ def load_callback(ref: str) -> Any:
         raise ConfigError("consumer.callback", f"importing {module_name!r} failed: {e}") from None
     except Exception as e:
         raise ConfigError("consumer.callback", f"importing {module_name!r} raised {type(e).__name__}: {e}") from None
+    except SystemExit as e:
+        # sys.exit() at import time (a script's main guard gone wrong): the
+        # daemon must not exit quietly with the module's status.
+        raise CallbackInitError(f"importing {module_name!r} called sys.exit({e.code!r})") from None
     obj: Any = module
     for part in attr.split("."):
         try:

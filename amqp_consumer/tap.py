@@ -49,6 +49,8 @@ class Options(usage.Options):
         except ConfigError as e:
             where = e.where if e.where.startswith(str(self["config"])) else f"{self['config']}: {e.where}"
             _die(f"config error: {where}: {e.problem}", exitcodes.CONFIG)
+        except CallbackInitError as e:
+            _die(f"the callback could not start: {e}", exitcodes.SOFTWARE)
         if self["check"]:
             queues = ", ".join(q or "(server-named)" for q in self.config.consumed_queues)
             print(f"amqp-consumer: {self['config']}: OK (callback {self.config.consumer.callback}; queues: {queues})")

@@ -218,6 +218,17 @@ def test_callback_constructor_failure_exits_70_with_one_line(tmp_path: Path) -> 
     ]
 
 
+def test_callback_module_that_exits_on_import_exits_70_with_one_line(tmp_path: Path) -> None:
+    """sys.exit(0) at a callback module's top level must not pass for a clean start and stop."""
+    for args in ([], ["--check"]):
+        result = run_check(config("q", "exitsonimport:fn"), tmp_path, args)
+        assert result.returncode == exitcodes.SOFTWARE == 70, result.stdout + result.stderr
+        assert result.stdout == ""
+        assert result.stderr.splitlines() == [
+            "amqp-consumer: the callback could not start: importing 'exitsonimport' called sys.exit(0)"
+        ]
+
+
 def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, queue: str, daemons) -> None:
     d = start(tmp_path, config(queue, url=f"amqp://guest:{PASSWORD}@127.0.0.1:5672/%2F"), daemons)
     status = d.wait(8)  # it takes well under a second
