@@ -1,8 +1,10 @@
 """One log line per event, as text or JSON, on stdout (systemd's journal adds time and unit).
 
-twistd asks for a log observer factory by dotted name (``--logger``); the
-plugin's option parser points it here after loading the config, so the whole
-daemon, Twisted and pika included, writes through this one observer.
+twistd asks for a log observer factory by dotted name (``--logger``); twist
+takes a factory of file observers and a level from its own options. The
+plugin's option parser hands either runner this module's observer after
+loading the config (see use_for_runner), so the whole daemon, Twisted and
+pika included, writes through this one observer.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -155,6 +157,23 @@ def make_observer(settings: LogSettings | None = None, stream: IO[str] | None = 
     if s.level != "debug":
         predicates.insert(0, _twisted_chatter)
     return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps), predicates)
+
+
+def use_for_runner(runner_options: Any, settings: LogSettings) -> None:
+    """Make the runner whose options are runner_options (twistd's or twist's) log through make_observer.
+
+    Under twist, [logging] overrides its --log-format and --log-level; its
+    --log-file is kept. Under twistd, its --logfile is kept.
+    """
+    if runner_options is not None and "fileLogObserverFactory" in runner_options:  # twist
+        configure(settings)
+        runner_options["fileLogObserverFactory"] = lambda stream: make_observer(settings, stream)
+        runner_options["logLevel"] = _LEVELS[settings.level]  # twist filters before our observer does
+        return
+    logfile = (runner_options or {}).get("logfile") or ""
+    configure(replace(settings, logfile=logfile))
+    if runner_options is not None and runner_options.get("logger") is None:
+        runner_options["logger"] = "amqp_consumer.logs.twistd_observer"
 
 
 def twistd_observer() -> ILogObserver:

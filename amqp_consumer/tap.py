@@ -56,18 +56,10 @@ class Options(usage.Options):
             print(f"amqp-consumer: {self['config']}: OK (callback {self.config.consumer.callback}; queues: {queues})")
             raise SystemExit(exitcodes.OK)
         lc = self.config.logging
-        parent = getattr(self, "parent", None)
-        logs.configure(
-            logs.LogSettings(
-                level=lc.level,
-                format=lc.format,
-                pika_level=lc.pika_level,
-                logfile=(parent or {}).get("logfile") or "",
-                timestamps=logs.default_timestamps(),
-            )
+        settings = logs.LogSettings(
+            level=lc.level, format=lc.format, pika_level=lc.pika_level, timestamps=logs.default_timestamps()
         )
-        if parent is not None and parent.get("logger") is None:
-            parent["logger"] = "amqp_consumer.logs.twistd_observer"
+        logs.use_for_runner(getattr(self, "parent", None), settings)
 
 
 def makeService(options: Options) -> Any:

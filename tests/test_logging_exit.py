@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from amqp_consumer import exitcodes, logs
 from tests.support.broker import Broker
-from tests.support.daemonproc import DaemonProcess, daemon_config, run_check
+from tests.support.daemonproc import TWISTD, DaemonProcess, daemon_config, run_check
 from tests.support.ops import HEALTH_ANYWHERE, health_port, http_json, poll
 
 PASSWORD = "wrong-pw-31337"
@@ -227,6 +227,37 @@ def test_callback_module_that_exits_on_import_exits_70_with_one_line(tmp_path: P
         assert result.stderr.splitlines() == [
             "amqp-consumer: the callback could not start: importing 'exitsonimport' called sys.exit(0)"
         ]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_twist_runner_writes_the_documented_lines_to_a_file(tmp_path: Path, broker: Broker, queue: str, fmt: str) -> None:
+    """`twist amqp-consumer` behaves like `twistd -n`: [logging] applies, also with output to a file."""
+    broker.declare(queue)
+    d = DaemonProcess(tmp_path / "d", config(queue, extra=f'[logging]\nformat = "{fmt}"\nlevel = "debug"\npika_level = "debug"\n'))
+    twist = str(Path(TWISTD).with_name("twist"))
+    out = tmp_path / "stdout"
+    with open(out, "wb") as o:
+        proc = subprocess.Popen([twist, "amqp-consumer", f"--config={d.config_path}"], cwd=d.workdir, env=d.env, stdout=o, stderr=subprocess.STDOUT)
+    try:
+        poll(lambda: "consuming from" in out.read_text(), 20, "the daemon consuming")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    lines = [line for line in out.read_text().splitlines() if line]
+    if fmt == "text":
+        assert lines and all(LINE.match(line) for line in lines), out.read_text()
+        found = [line for line in lines if " DEBUG " in line]
+    else:
+        records = [json.loads(line) for line in lines]
+        assert all(set(r) <= {"time", "level", "logger", "message", "message_id"} for r in records), records[0]
+        found = [r for r in records if r["level"] == "DEBUG"]
+        lines = [r["message"] for r in records]
+    assert found, "level = debug was not applied:\n" + "\n".join(lines)
+    assert any("consuming from" in line for line in lines)
+    assert "guest:guest" not in out.read_text()
 
 
 def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, queue: str, daemons) -> None:
