@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -161,20 +162,25 @@ def test_text_logs_on_stdout_nothing_per_message_and_sigterm_exits_0(tmp_path: P
     assert "guest:guest" not in out
 
 
-def test_logs_go_to_stdout_and_nothing_to_stderr(tmp_path: Path, broker: Broker, queue: str) -> None:
-    broker.declare(queue)
-    d = DaemonProcess(tmp_path / "d", config(queue).replace(HEALTH_ANYWHERE, ""))
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen(d.command(), cwd=d.workdir, env=d.env, stdout=o, stderr=e)
+def consume_then_sigterm(command: list[str], d: DaemonProcess, out: Path, err: Path | None = None) -> int:
+    """Run command with stdout (and stderr, or stdout) in files until it consumes, then SIGTERM it: its status."""
+    with open(out, "wb") as o, open(err or os.devnull, "wb") as e:
+        proc = subprocess.Popen(command, cwd=d.workdir, env=d.env, stdout=o, stderr=e if err else subprocess.STDOUT)
     try:
-        poll(lambda: "consuming from" in out.read_text(), 15, "the daemon consuming")
+        poll(lambda: "consuming from" in out.read_text(), 20, "the daemon consuming")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        return proc.wait(20)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_logs_go_to_stdout_and_nothing_to_stderr(tmp_path: Path, broker: Broker, queue: str) -> None:
+    broker.declare(queue)
+    d = DaemonProcess(tmp_path / "d", config(queue).replace(HEALTH_ANYWHERE, ""))
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    assert consume_then_sigterm(d.command(), d, out, err) == 0
     assert err.read_text() == ""
     assert "INFO amqp_consumer.lifecycle: SIGTERM received" in out.read_text()
 
@@ -236,16 +242,7 @@ def test_twist_runner_writes_the_documented_lines_to_a_file(tmp_path: Path, brok
     d = DaemonProcess(tmp_path / "d", config(queue, extra=f'[logging]\nformat = "{fmt}"\nlevel = "debug"\npika_level = "debug"\n'))
     twist = str(Path(TWISTD).with_name("twist"))
     out = tmp_path / "stdout"
-    with open(out, "wb") as o:
-        proc = subprocess.Popen([twist, "amqp-consumer", f"--config={d.config_path}"], cwd=d.workdir, env=d.env, stdout=o, stderr=subprocess.STDOUT)
-    try:
-        poll(lambda: "consuming from" in out.read_text(), 20, "the daemon consuming")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    assert consume_then_sigterm([twist, "amqp-consumer", f"--config={d.config_path}"], d, out) == 0
     lines = [line for line in out.read_text().splitlines() if line]
     if fmt == "text":
         assert lines and all(LINE.match(line) for line in lines), out.read_text()
