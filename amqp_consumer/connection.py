@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import random
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import pika
 import pika.credentials
+import pika.data
+import pika.frame
+import pika.spec
 from pika import exceptions as pika_exc
 from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
 from twisted.application.internet import ClientService
@@ -30,7 +34,7 @@ from zope.interface import implementer
 
 from amqp_consumer.backoff import Backoff
 from amqp_consumer.config import AMQPConfig, Config, redact_url
-from amqp_consumer.message import Message, utc_from_epoch
+from amqp_consumer.message import Message
 from amqp_consumer.stall import StallWatch
 from amqp_consumer.state import BrokerNode
 
@@ -76,6 +80,10 @@ class PublishFailed(AMQPError):
     """The broker did not confirm a publish (nacked, unroutable, or the channel died)."""
 
 
+class Unroutable(PublishFailed):
+    """The broker returned a mandatory publish: no queue is bound to take it (NO_ROUTE)."""
+
+
 def _translate(error: Any) -> Exception:
     """Turn a pika or Twisted error into one of ours with a readable text."""
     if isinstance(error, Failure):
@@ -92,8 +100,10 @@ def _translate(error: Any) -> Exception:
         )
     if isinstance(error, pika_exc.AMQPHeartbeatTimeout):
         return AMQPError("no heartbeat from the broker; the connection is dead")
-    if isinstance(error, (pika_exc.UnroutableError, pika_exc.NackError)):
-        return PublishFailed(type(error).__name__)
+    if isinstance(error, pika_exc.UnroutableError):
+        return Unroutable("the broker returned it: no queue takes it (NO_ROUTE)")
+    if isinstance(error, pika_exc.NackError):
+        return PublishFailed("the broker nacked it")
     if isinstance(error, AMQPError):
         return error
     return AMQPError(_tls_or_plain_text(error))
@@ -153,6 +163,12 @@ class _Protocol(TwistedProtocolConnection):
         if watch is not None:
             watch.received()
         self._impl.data_received(data)
+
+    def __init__(self, parameters: pika.ConnectionParameters, custom_reactor: Any = None) -> None:
+        super().__init__(parameters, custom_reactor=custom_reactor)
+        impl = self._impl
+        # A header pika cannot decode must not kill the connection (see _read_frame).
+        impl._read_frame = lambda: _read_frame(impl._frame_buffer)
 
     def connectionMade(self) -> None:
         # pika's own adapters set TCP_NODELAY; Twisted's transports do not. Without
@@ -556,8 +572,12 @@ class Channel:
                 )
         for consumed in config.consumed_queues:
             names.setdefault(consumed, consumed)
-            await self._call("queue_declare", queue=quarantine_queue(consumed), durable=True)
+            await self.declare_queue(quarantine_queue(consumed))
         return names
+
+    async def declare_queue(self, queue: str) -> None:
+        """Declare a durable queue with no arguments (a quarantine queue)."""
+        await self._call("queue_declare", queue=queue, durable=True)
 
     async def qos(self, prefetch: int) -> None:
         await self._call("basic_qos", prefetch_count=prefetch)
@@ -567,7 +587,7 @@ class Channel:
         ch = self._ch
         done: Deferred = Deferred()
         channel = self
-        make_props = utc_from_epoch
+        partly_read = _PartlyRead
 
         def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
             msg = Message(
@@ -581,9 +601,17 @@ class Channel:
                 reply_to=props.reply_to,
                 content_type=props.content_type,
                 priority=props.priority,
-                timestamp=make_props(props.timestamp) if props.timestamp is not None else None,
+                timestamp=props.timestamp,
                 redelivered=method.redelivered,
                 delivery_tag=method.delivery_tag,
+                content_encoding=props.content_encoding,
+                delivery_mode=props.delivery_mode,
+                expiration=props.expiration,
+                type=props.type,
+                user_id=props.user_id,
+                app_id=props.app_id,
+                cluster_id=props.cluster_id,
+                unreadable=props.unreadable if type(props) is partly_read else None,
             )
             on_delivery(channel, method.delivery_tag, msg)
 
@@ -618,10 +646,28 @@ class Channel:
     async def enable_confirms(self) -> None:
         await self._call("confirm_delivery")
 
+    @property
+    def user(self) -> str | None:
+        """The user this connection logged in as (None with EXTERNAL: the certificate says)."""
+        return getattr(self._ch.connection.params.credentials, "username", None)
+
+    @property
+    def max_properties_size(self) -> int:
+        """The most bytes a message's encoded properties may take: its content header is one frame."""
+        return _max_properties_size(self._ch.connection.params.frame_max)
+
     async def publish(
         self, exchange: str, routing_key: str, body: bytes, properties: Mapping[str, Any], mandatory: bool = True
     ) -> None:
-        """Publish and wait for the broker's confirm (the channel must have confirms on)."""
+        """Publish and wait for the broker's confirm (the channel must have confirms on).
+
+        Properties that cannot be encoded, or that would not fit in one frame
+        (the broker would close the whole connection with 501 FRAME_ERROR),
+        raise PublishFailed before anything is sent.
+        """
+        size = properties_size(properties)
+        if size > self.max_properties_size:
+            raise PublishFailed(f"its properties take {size} bytes, more than a frame holds ({self.max_properties_size})")
         props = pika.BasicProperties(**properties)
         try:
             await self._tc.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
@@ -641,25 +687,185 @@ class Channel:
             await closed
 
 
+def _max_properties_size(frame_max: int) -> int:
+    # frame header (7), class id, weight and body size (12), frame end (1)
+    return frame_max - pika.spec.FRAME_HEADER_SIZE - 12 - pika.spec.FRAME_END_SIZE
+
+
+def properties_size(properties: Mapping[str, Any]) -> int:
+    """Encoded size of these message properties; PublishFailed when pika cannot encode them."""
+    try:
+        return sum(len(piece) for piece in pika.BasicProperties(**properties).encode())
+    except Exception as e:
+        raise PublishFailed(f"its properties cannot be encoded ({_why(e)})") from None
+
+
+def header_fault(key: Any, value: Any) -> str | None:
+    """Why a header cannot be sent as it is (pika cannot encode it), or None."""
+    try:
+        pika.data.encode_short_string([], key)
+        pika.data.encode_value([], value)
+    except pika_exc.UnsupportedAMQPFieldException as e:
+        return f"pika cannot send a {type(e.args[-1]).__name__}"
+    except struct.error:
+        return "a number out of range for its AMQP type"
+    except pika_exc.ShortStringTooLong:
+        return "its name is longer than 255 bytes"
+    except Exception as e:
+        return _why(e)
+    return None
+
+
+def header_size(key: Any, value: Any) -> int:
+    """Bytes one (encodable) header takes in the properties."""
+    pieces: list[bytes] = []
+    return pika.data.encode_short_string(pieces, key) + pika.data.encode_value(pieces, value)
+
+
 def quarantine_queue(configured: str) -> str:
     """Named after the configured queue; a server-named queue's name changes on every
     connection, so its quarantine is the stable 'amqp-consumer.quarantine'."""
     return f"{configured or 'amqp-consumer'}.quarantine"
 
 
-def message_properties(message: Message) -> dict[str, Any]:
-    """The original's properties, for republishing it (quarantine)."""
-    props: dict[str, Any] = {"delivery_mode": 2, "headers": dict(message.headers)}
-    for ours, theirs in (
-        ("content_type", "content_type"),
-        ("id", "message_id"),
-        ("correlation_id", "correlation_id"),
-        ("reply_to", "reply_to"),
-        ("priority", "priority"),
-    ):
-        value = getattr(message, ours)
-        if value is not None:
-            props[theirs] = value
-    if message.timestamp is not None:
-        props["timestamp"] = int(message.timestamp.timestamp())
-    return props
+# --- content headers pika cannot decode ---------------------------------------------
+#
+# pika decodes a delivery's content header inside its frame reader; a value it
+# cannot turn into a Python object (a timestamp beyond year 9999, an infinite
+# double) raises there, Twisted drops the connection, and the broker hands the
+# same message out first again: the queue is stuck for good. So a header frame
+# pika refuses is read again here, keeping every value that can be read and
+# saying what could not; the delivery then goes to quarantine instead of its
+# callback (Message.unreadable).
+
+
+class _PartlyRead(pika.spec.BasicProperties):
+    """Properties read as far as possible; ``unreadable`` says what was lost."""
+
+    unreadable: str = ""
+
+
+_UNREADABLE = object()
+_FIXED_WIDTH = {b"T": 8, b"d": 8, b"f": 4}  # kinds whose bad values can be skipped
+_KIND_NAME = {b"T": "timestamp", b"d": "double", b"f": "float"}
+_PROPERTY_FIELDS: tuple[tuple[str, int, str], ...] = tuple(
+    (name, getattr(pika.spec.BasicProperties, "FLAG_" + name.upper()), kind)
+    for name, kind in (
+        ("content_type", "s"), ("content_encoding", "s"), ("headers", "F"), ("delivery_mode", "o"),
+        ("priority", "o"), ("correlation_id", "s"), ("reply_to", "s"), ("expiration", "s"),
+        ("message_id", "s"), ("timestamp", "T"), ("type", "s"), ("user_id", "s"), ("app_id", "s"),
+        ("cluster_id", "s"),
+    )
+)
+
+
+def _read_frame(buffer: bytes) -> tuple[int, Any]:
+    """pika's frame decoder, except that a content header it refuses is read leniently."""
+    try:
+        return pika.frame.decode_frame(buffer)
+    except Exception as error:
+        header = _salvage_header(buffer, error)
+        if header is None:
+            raise
+        return header
+
+
+def _salvage_header(buffer: bytes, error: Exception) -> tuple[int, Any] | None:
+    if buffer[:1] != bytes([pika.spec.FRAME_HEADER]):
+        return None
+    try:
+        _, channel_number, size = struct.unpack_from(">BHL", buffer)
+        end = pika.spec.FRAME_HEADER_SIZE + size + pika.spec.FRAME_END_SIZE
+        payload = buffer[pika.spec.FRAME_HEADER_SIZE : end - 1]
+        class_id, _, body_size = struct.unpack_from(">HHQ", payload)
+    except struct.error:
+        return None
+    if class_id != pika.spec.Basic.INDEX or len(buffer) < end:
+        return None
+    props = _PartlyRead()
+    problems = _read_properties(props, payload[12:])
+    props.unreadable = "; ".join(problems) or f"the properties could not be read ({_why(error)})"
+    return end, pika.frame.Header(channel_number, body_size, props)
+
+
+def _why(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _read_properties(props: Any, encoded: bytes) -> list[str]:
+    """Fill props field by field, as pika's BasicProperties.decode does; return what could not be read."""
+    problems: list[str] = []
+    name = "property flags"
+    try:
+        offset = flags = index = 0
+        while True:
+            partial = struct.unpack_from(">H", encoded, offset)[0]
+            offset += 2
+            flags |= partial << (index * 16)
+            if not partial & 1:
+                break
+            index += 1
+        for name, flag, kind in _PROPERTY_FIELDS:
+            if not flags & flag:
+                continue
+            value: Any
+            if kind == "s":
+                value, offset = pika.data.decode_short_string(encoded, offset)
+            elif kind == "o":
+                value = struct.unpack_from("B", encoded, offset)[0]
+                offset += 1
+            elif kind == "T":
+                value = struct.unpack_from(">Q", encoded, offset)[0]
+                offset += 8
+            else:
+                value, offset = _read_table(encoded, offset, problems, "")
+            setattr(props, name, value)
+    except Exception as e:
+        problems.append(f"the properties from {name} on ({_why(e)})")
+    return problems
+
+
+def _read_table(encoded: bytes, offset: int, problems: list[str], path: str) -> tuple[dict[str, Any], int]:
+    size = struct.unpack_from(">I", encoded, offset)[0]
+    offset += 4
+    end = offset + size
+    table: dict[str, Any] = {}
+    while offset < end:
+        key, offset = pika.data.decode_short_string(encoded, offset)
+        name = f"{path}{key}"
+        try:
+            value, offset = _read_value(encoded, offset, problems, name)
+        except Exception as e:
+            problems.append(f"header {name!r} and the rest of its table ({_why(e)})")
+            return table, end
+        if value is not _UNREADABLE:
+            table[key] = value
+    return table, end
+
+
+def _read_value(encoded: bytes, offset: int, problems: list[str], name: str) -> tuple[Any, int]:
+    kind = encoded[offset : offset + 1]
+    if kind == b"F":
+        return _read_table(encoded, offset + 1, problems, name + ".")
+    if kind == b"A":
+        length = struct.unpack_from(">I", encoded, offset + 1)[0]
+        offset += 5
+        end = offset + length
+        items: list[Any] = []
+        while offset < end:
+            value, offset = _read_value(encoded, offset, problems, f"{name}[{len(items)}]")
+            items.append(None if value is _UNREADABLE else value)
+        return items, end
+    try:
+        return pika.data.decode_value(encoded, offset)
+    except Exception as e:
+        width = _FIXED_WIDTH.get(kind)
+        if width is None:
+            raise
+        raw = encoded[offset + 1 : offset + 1 + width]
+        if kind == b"T":
+            shown = str(int.from_bytes(raw, "big"))
+        else:
+            shown = repr(struct.unpack(">d" if kind == b"d" else ">f", raw)[0])
+        problems.append(f"header {name!r}: {_KIND_NAME[kind]} {shown} cannot be read ({_why(e)})")
+        return _UNREADABLE, offset + 1 + width

@@ -7,7 +7,6 @@ acked: the broker has already put it back in its queue.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from time import monotonic, time
 from typing import Any, Callable, Sequence
 
@@ -27,18 +26,16 @@ from amqp_consumer.connection import (
     ConnectionClosed,
     Connector,
     Session,
-    message_properties,
-    quarantine_queue,
 )
 from amqp_consumer.dispatch import NOT_RUN, Dispatcher
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
 from amqp_consumer.publisher import Publisher
+from amqp_consumer.quarantine import Quarantine
 from amqp_consumer.state import State
 
 log = Logger(namespace="amqp_consumer.consumer")
 
-QUARANTINE_RETRY_DELAY = 5.0
 # Connected yet not consuming on some queue for this long, with no retry pending:
 # a state no code path should leave us in, so reopen the channel rather than trust it.
 STUCK_AFTER = 60.0
@@ -97,6 +94,9 @@ class InFlight:
         by_tag = self._by_channel.pop(channel, None)
         return len(by_tag) if by_tag else 0
 
+    def __contains__(self, d: Delivery) -> bool:
+        return self._by_channel.get(d.channel, {}).get(d.tag) is d
+
     def lowest_tag(self, channel: Channel) -> int | None:
         by_tag = self._by_channel.get(channel)
         return next(iter(by_tag), None) if by_tag else None
@@ -149,6 +149,7 @@ class Consumer(Service):
         self.inflight = InFlight()
         self.dispatcher = Dispatcher(reactor, callback, config.consumer.workers, self._results)
         self.publisher = Publisher()
+        self.quarantine = Quarantine(reactor, self.publisher, metrics, self, self._has_dead_letter)
         self.connector = Connector(reactor, config.amqp, self._session_up, self._connection_failed, self._on_fatal)
         self.connector.explain_loss = self._explain_loss
         self._session: Session | None = None
@@ -211,6 +212,7 @@ class Consumer(Service):
         self._tags.clear()
         for d in self.dispatcher.take_pending():
             self._settle(d, NOT_RUN)
+        self.quarantine.stop()
         timed_out = False
         if not self._drained_now():
             timeout = self.config.consumer.drain_timeout
@@ -442,12 +444,16 @@ class Consumer(Service):
         add = self.inflight.add
         submit = self.dispatcher.submit
         state = self.state
+        quarantine = self.quarantine
+        owed = quarantine.owed
 
         def on_delivery(channel: Channel, tag: int, message: Message) -> None:
             d = Delivery(channel, tag, message, label)
             add(d)
             received[label] += 1
             state.last_delivery = time()
+            if message.redelivered and owed and quarantine.redelivered(d):
+                return  # its callback failed before; only its quarantine was left to do
             submit(d)
 
         return on_delivery
@@ -470,7 +476,25 @@ class Consumer(Service):
         for d, result in zip(batch, results):
             if d.finished is not None and d.started is not None:
                 observe(d.finished - d.started)
-            self._settle(d, result)
+            try:
+                self._settle(d, result)
+            except Exception:
+                self._settle_failed(d, result)
+
+    def _settle_failed(self, d: Delivery, result: tuple) -> None:
+        """A bug while settling one delivery: say so, requeue it, and go on with the others."""
+        log.failure(
+            "settling message {message_id} ({outcome}) failed; it goes back to its queue",
+            message_id=d.message.id or f"tag:{d.tag}",
+            outcome=result[0],
+        )
+        if d not in self.inflight:
+            return  # it was settled before the failure
+        try:
+            self.requeue(d)
+        except Exception:
+            log.failure("requeueing message {message_id} failed too", message_id=d.message.id or f"tag:{d.tag}")
+            self._done(d)
 
     def _settle(self, d: Delivery, result: tuple) -> None:
         kind = result[0]
@@ -495,7 +519,7 @@ class Consumer(Service):
             )
             self.halt(exc.exit_code)
         elif kind == "quarantine":
-            self._quarantine(d, result[1], result[2])
+            self.quarantine.submit(d, result[1], result[2])
 
     def _done(self, d: Delivery) -> None:
         self.inflight.remove(d)
@@ -549,51 +573,24 @@ class Consumer(Service):
                 if t > low:
                     ch.ack(t)
 
-    # --- quarantine ----------------------------------------------------------------------
+    # --- settling for the quarantine ---------------------------------------------------
 
-    def _quarantine(self, d: Delivery, error: BaseException, detail: str) -> None:
-        msg = d.message
-        queue = msg.queue
-        log.error(
-            "message {message_id} from {queue!r} goes to quarantine: {detail}",
-            message_id=msg.id or f"tag:{d.tag}",
-            queue=queue,
-            detail=detail,
-        )
-        props = message_properties(msg)
-        props["headers"].update(
-            {
-                "amqp-consumer-exception": type(error).__name__,
-                "amqp-consumer-error": str(error)[:2000],
-                "amqp-consumer-quarantined-at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "amqp-consumer-queue": queue,
-                "amqp-consumer-exchange": msg.exchange,
-                "amqp-consumer-routing-key": msg.routing_key,
-            }
-        )
-        published = defer.ensureDeferred(
-            self.publisher.publish("", quarantine_queue(configured_name(d.label)), msg.raw_body, props, mandatory=True)
-        )
+    def ack(self, d: Delivery) -> None:
+        self._ack(d)
 
-        def ok(_: Any) -> None:
-            self.metrics.counters["quarantined"][d.label] += 1
-            self._ack(d)
+    def requeue(self, d: Delivery) -> None:
+        self._send(d, "requeued", lambda: d.channel.nack(d.tag, requeue=True))
 
-        def failed(f: Any) -> None:
-            log.error(
-                "could not quarantine message {message_id}: {why}; it goes back to its queue in {delay:g} s",
-                message_id=msg.id or f"tag:{d.tag}",
-                why=f.value,
-                delay=QUARANTINE_RETRY_DELAY,
-            )
-            if self.running:
-                self._reactor.callLater(
-                    QUARANTINE_RETRY_DELAY, self._send, d, "requeued", lambda: d.channel.nack(d.tag, requeue=True)
-                )
-            else:
-                self._done(d)  # leave it unacked: closing the channel requeues it
+    def reject(self, d: Delivery) -> None:
+        self._send(d, "rejected", lambda: d.channel.reject(d.tag, requeue=False))
 
-        published.addCallbacks(ok, failed)
+    def forget(self, d: Delivery) -> None:
+        """Nothing to send (its channel is closed or closes with us): the broker requeues it."""
+        self._done(d)
+
+    def _has_dead_letter(self, label: str) -> bool:
+        configured = configured_name(label)
+        return any(q.name == configured and "x-dead-letter-exchange" in q.arguments for q in self.config.queues)
 
     # --- live figures -------------------------------------------------------------------
 

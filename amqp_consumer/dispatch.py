@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from amqp_consumer.config import ConfigError
-from amqp_consumer.message import BodyDecodeError, Message
+from amqp_consumer.message import BodyDecodeError, Message, PropertiesDecodeError
 from amqp_consumer.outcomes import Drop, HaltConsumer, Nack
 
 log = Logger(namespace="amqp_consumer.dispatch")
@@ -56,7 +56,7 @@ def classify(error: BaseException, tb: str | None = None) -> tuple:
         return REJECT
     if isinstance(error, HaltConsumer):
         return halt(error)
-    if isinstance(error, BodyDecodeError):
+    if isinstance(error, (BodyDecodeError, PropertiesDecodeError)):
         return quarantine(error, str(error))
     return quarantine(error, tb or "".join(traceback.format_exception(error)).rstrip())
 

@@ -12,6 +12,10 @@ class BodyDecodeError(Exception):
     """The body does not match its content type; the message goes to quarantine."""
 
 
+class PropertiesDecodeError(Exception):
+    """Some of the message's properties or headers could not be read; the message goes to quarantine."""
+
+
 @functools.lru_cache(maxsize=64)
 def _is_json(content_type: str | None) -> bool:
     if not content_type:
@@ -29,8 +33,10 @@ class Message:
 
     __slots__ = (
         "raw_body", "exchange", "routing_key", "queue", "headers", "id",
-        "correlation_id", "reply_to", "content_type", "priority", "timestamp",
-        "redelivered", "delivery_tag", "_body", "_decoded",
+        "correlation_id", "reply_to", "content_type", "priority", "_timestamp",
+        "redelivered", "delivery_tag", "content_encoding", "delivery_mode",
+        "expiration", "type", "user_id", "app_id", "cluster_id", "unreadable",
+        "_body", "_decoded",
     )
 
     def __init__(
@@ -46,9 +52,17 @@ class Message:
         reply_to: str | None = None,
         content_type: str | None = None,
         priority: int | None = None,
-        timestamp: datetime | None = None,
+        timestamp: datetime | int | None = None,
         redelivered: bool = False,
         delivery_tag: int = 0,
+        content_encoding: str | None = None,
+        delivery_mode: int | None = None,
+        expiration: str | None = None,
+        type: str | None = None,
+        user_id: str | None = None,
+        app_id: str | None = None,
+        cluster_id: str | None = None,
+        unreadable: str | None = None,
     ) -> None:
         self.raw_body = body
         self.exchange = exchange
@@ -60,9 +74,17 @@ class Message:
         self.reply_to = reply_to
         self.content_type = content_type
         self.priority = priority
-        self.timestamp = timestamp
+        self._timestamp = timestamp  # as on the wire (seconds) until read
         self.redelivered = redelivered
         self.delivery_tag = delivery_tag
+        self.content_encoding = content_encoding
+        self.delivery_mode = delivery_mode
+        self.expiration = expiration
+        self.type = type
+        self.user_id = user_id
+        self.app_id = app_id
+        self.cluster_id = cluster_id
+        self.unreadable = unreadable
         self._body: Any = None
         self._decoded = False
 
@@ -72,13 +94,28 @@ class Message:
         return self.routing_key
 
     @property
+    def timestamp(self) -> datetime | None:
+        """An aware UTC datetime, or None (also for a value no datetime can hold)."""
+        stamp = self._timestamp
+        return stamp if stamp is None or isinstance(stamp, datetime) else utc_from_epoch(stamp)
+
+    @property
+    def amqp_timestamp(self) -> int | None:
+        """The timestamp property as sent: whole seconds since the epoch, even out of datetime's range."""
+        stamp = self._timestamp
+        return int(stamp.timestamp()) if isinstance(stamp, datetime) else stamp
+
+    @property
     def body(self) -> Any:
         if not self._decoded:
             self.decode()
         return self._body
 
     def decode(self) -> None:
-        """Decode once; raises BodyDecodeError for a body its content type cannot describe."""
+        """Decode once; raises BodyDecodeError for a body its content type cannot describe
+        (PropertiesDecodeError when even its properties could not be read)."""
+        if self.unreadable is not None:
+            raise PropertiesDecodeError(self.unreadable)
         if _is_json(self.content_type):
             try:
                 self._body = json.loads(self.raw_body)

@@ -90,6 +90,21 @@ class _Counts:
         yield family
 
 
+class _QuarantineFailures:
+    def __init__(self, counts: dict[str, int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Any]:
+        family = CounterMetricFamily(
+            "amqp_consumer_quarantine_failures",
+            "Messages whose quarantine copy could not be published (each then rejected or requeued)",
+            labels=["queue"],
+        )
+        for queue, n in self._counts.items():
+            family.add_metric([queue], n)
+        yield family
+
+
 class Durations:
     """A histogram for one writer thread: observe() is a bisect and two adds.
 
@@ -126,6 +141,8 @@ class Metrics:
         # Only ever changed on the reactor thread.
         self.counters: dict[str, dict[str, int]] = {o: {} for o in OUTCOMES}
         self.registry.register(_Counts(self.counters))
+        self.quarantine_failures: dict[str, int] = {}
+        self.registry.register(_QuarantineFailures(self.quarantine_failures))
         self.duration = Durations(
             "amqp_consumer_callback_duration_seconds",
             "Time the callback took per message",
@@ -139,6 +156,10 @@ class Metrics:
     def bind_queue(self, label: str) -> None:
         for outcome in OUTCOMES:
             self.counters[outcome].setdefault(label, 0)
+        self.quarantine_failures.setdefault(label, 0)
+
+    def quarantine_failed(self, label: str) -> None:
+        self.quarantine_failures[label] = self.quarantine_failures.get(label, 0) + 1
 
     def watch(self, read: Callable[[], dict[str, float]], connection_state: Callable[[], str]) -> None:
         """Figures read at scrape time, so they can never disagree with the state they come from."""

@@ -56,14 +56,23 @@ class Publisher:
             else:
                 w.callback(result)
 
-    async def publish(
-        self, exchange: str, routing_key: str, body: bytes, properties: Mapping[str, Any], mandatory: bool = True
-    ) -> None:
-        """Return once the broker has confirmed; raise PublishFailed otherwise."""
+    async def channel(self) -> Channel:
+        """The confirm-mode channel of this connection, opened when needed; PublishFailed if it cannot be."""
         try:
-            ch = await self._ready_channel()
+            return await self._ready_channel()
         except PublishFailed:
             raise
         except Exception as e:
             raise PublishFailed(f"cannot open a publishing channel: {e}") from None
+
+    async def publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: Mapping[str, Any], mandatory: bool = True
+    ) -> None:
+        """Return once the broker has confirmed; raise PublishFailed otherwise."""
+        ch = await self.channel()
         await ch.publish(exchange, routing_key, body, properties, mandatory=mandatory)
+
+    async def declare(self, queue: str) -> None:
+        """Declare a durable queue (a quarantine queue an operator deleted, say)."""
+        ch = await self.channel()
+        await ch.declare_queue(queue)

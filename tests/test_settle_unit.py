@@ -10,7 +10,7 @@ from twisted.internet.testing import MemoryReactorClock
 from amqp_consumer.config import load
 from amqp_consumer.connection import ChannelClosed
 from amqp_consumer.consumer import Consumer
-from amqp_consumer.dispatch import ACK, NOT_RUN, REJECT, REQUEUE, classify, halt
+from amqp_consumer.dispatch import ACK, NOT_RUN, REJECT, REQUEUE, classify, halt, quarantine
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
 from amqp_consumer.outcomes import HaltConsumer, Nack
@@ -271,3 +271,18 @@ def test_reconnect_delay_keeps_growing_until_consuming_starts(consumer):
     assert connector._retry_delay(1) == said
     connector.reset_backoff()  # consuming started
     assert connector._retry_delay(1) <= 1.2
+
+
+def test_a_failure_while_settling_one_delivery_does_not_stop_the_others(consumer):
+    reactor, c = consumer
+    ch = FakeChannel()
+    ds = deliver(c, ch, [1, 2, 3])
+
+    def broken(d, error, detail):
+        raise RuntimeError("a bug in the quarantine path")
+
+    c.quarantine.submit = broken
+    c._results(ds, [ACK, quarantine(ValueError("x"), "tb"), ACK])
+    reactor.advance(0)
+    assert ch.sent == [("nack", 2, True), ("ack", 3, True)]  # 2 goes back; 1 and 3 are acked
+    assert len(c.inflight) == 0

@@ -38,8 +38,18 @@ def slow(message) -> None:
     _record(message, event="end", t=time.time(), start=start)
 
 
+class Unprintable(Exception):
+    """An exception that cannot describe itself: its __str__ and __repr__ raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ is broken")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("__repr__ is broken")
+
+
 def outcomes(message) -> None:
-    """body['do'] picks the outcome: ack, nack-once, drop, halt, raise."""
+    """body['do'] picks the outcome: ack, nack-once, drop, halt, raise, raise-unprintable."""
     do = message.body.get("do", "ack")
     _record(message, do=do)
     if do == "nack-once" and not message.redelivered:
@@ -50,6 +60,8 @@ def outcomes(message) -> None:
         raise HaltConsumer(exit_code=int(message.body.get("code", 0)), requeue=bool(message.body.get("requeue", False)))
     if do == "raise":
         raise ValueError(f"cannot handle {message.body.get('what', 'this')}")
+    if do == "raise-unprintable":
+        raise Unprintable()
 
 
 async def async_record(message) -> None:
