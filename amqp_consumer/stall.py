@@ -26,6 +26,7 @@ class StallWatch:
         self.limit = limit
         self._on_stall = on_stall
         self.last = clock.seconds()
+        self._confirming = False
         self._call: Any = clock.callLater(limit, self._check)
 
     def received(self) -> None:
@@ -38,8 +39,15 @@ class StallWatch:
 
     def _check(self) -> None:
         quiet = self._clock.seconds() - self.last
-        if quiet >= self.limit:
+        if quiet < self.limit:  # data came meanwhile: look again when the newest byte is `limit` old
+            self._confirming = False
+            self._call = self._clock.callLater(self.limit - quiet, self._check)
+        elif not self._confirming:
+            # The reactor runs due timers before it reads sockets: after it was busy
+            # itself (a long manhole command, say) the broker's bytes may be waiting
+            # unread. Let it read once before judging the link.
+            self._confirming = True
+            self._call = self._clock.callLater(0, self._check)
+        else:
             self._call = None
             self._on_stall(quiet)
-        else:  # data came meanwhile: look again when the newest byte is `limit` old
-            self._call = self._clock.callLater(self.limit - quiet, self._check)

@@ -30,6 +30,17 @@ def test_the_watch_fires_two_intervals_after_the_last_byte_and_not_before():
     assert fired == [10.0]  # once
 
 
+def test_bytes_waiting_unread_after_a_busy_reactor_are_not_a_stall():
+    clock = Clock()
+    fired: list[float] = []
+    watch = StallWatch(clock, 10.0, fired.append)
+    clock.callLater(10.0, watch.received)  # due with the check: read in the same turn, after it
+    clock.advance(10.0)
+    assert fired == []
+    clock.advance(10.0)
+    assert fired == [10.0]
+
+
 def test_a_stopped_watch_never_fires():
     clock = Clock()
     fired: list[float] = []
