@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export PYTHONPATH := $(CURDIR):$(CURDIR)/conf
+export PYTHONPATH := $(CURDIR)
 
 .PHONY: run test venv broker rpm bench clean
 

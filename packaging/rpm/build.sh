@@ -82,7 +82,7 @@ rm -f "$sdist"
 [ -f "$sdist" ] || die "expected $sdist (Source0 of the spec); is the pyproject version $version?"
 members=$(tar -tzf "$sdist")
 for f in README.md man/amqp-consumer.1 man/amqp-consumer.toml.5 conf/amqp-consumer@.service \
-         conf/amqp-consumer.sysusers conf/amqp-consumer.toml conf/example_callback.py \
+         conf/amqp-consumer.sysusers conf/amqp-consumer.toml \
          twisted/plugins/amqp_consumer_plugin.py tests/test_manpages.py; do
     grep -qxF "amqp_consumer-$version/$f" <<<"$members" \
         || die "the sdist lacks $f, which the spec installs or tests (list it in MANIFEST.in)"
