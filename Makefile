@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test venv broker rpm bench clean
+.PHONY: run test test-systemd venv broker rpm bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: venv broker
 
 test: venv broker
 	$(PY) -m pytest  # includes make rpm's checks (tests/test_rpm.py) when rpmbuild is installed
+
+# The RPM installed into a booted systemd container (root, systemd-nspawn, debootstrap; see README).
+test-systemd: venv broker rpm
+	$(PY) -m pytest tests/systemd_container
 
 rpm: venv
 	PYTHON=$(PY) packaging/rpm/build.sh
