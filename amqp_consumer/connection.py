@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import pika
+import pika.channel
 import pika.credentials
 import pika.data
 import pika.frame
@@ -169,6 +170,10 @@ class _Protocol(TwistedProtocolConnection):
         impl = self._impl
         # A header pika cannot decode must not kill the connection (see _read_frame).
         impl._read_frame = lambda: _read_frame(impl._frame_buffer)
+        self._numbers = _ChannelNumbers(impl)
+
+    def channel(self, channel_number: int | None = None) -> Deferred:
+        return self._numbers.opening(super().channel(channel_number))
 
     def connectionMade(self) -> None:
         # pika's own adapters set TCP_NODELAY; Twisted's transports do not. Without
@@ -869,3 +874,61 @@ def _read_value(encoded: bytes, offset: int, problems: list[str], name: str) -> 
             shown = repr(struct.unpack(">d" if kind == b"d" else ">f", raw)[0])
         problems.append(f"header {name!r}: {_KIND_NAME[kind]} {shown} cannot be read ({_why(e)})")
         return _UNREADABLE, offset + 1 + width
+
+
+# --- channel numbers ------------------------------------------------------------------
+
+
+class _ChannelNumbers:
+    """A channel number the broker closed is not used again until the broker has surely read our close-ok.
+
+    pika frees a number as soon as it has sent Channel.CloseOk for a close the
+    broker started. A broker that is not reading from us (a connection blocked
+    by a memory alarm) still holds its side of that channel and may send more
+    frames for it (RabbitMQ repeats the close of a consumer that timed out); a
+    new channel with the same number takes them for its own and closes, and once
+    the broker reads again it finds a close-ok for a channel it had just opened
+    and closes the whole connection (503). So such a number is held until a
+    channel opened after its close-ok has been answered: the broker reads in
+    order, so it has read the close-ok by then. Frames for a held number are dropped.
+    """
+
+    def __init__(self, impl: Any) -> None:
+        self._impl = impl
+        self.held: set[int] = set()
+        cleanup = impl._on_channel_cleanup
+        deliver = impl._deliver_frame_to_channel
+
+        def on_cleanup(channel: Any) -> None:
+            if isinstance(channel._closing_reason, pika_exc.ChannelClosedByBroker):
+                self.held.add(channel.channel_number)
+            cleanup(channel)
+
+        def to_channel(frame: Any) -> None:
+            if frame.channel_number in self.held:
+                log.debug("dropped a frame for channel {n}, closed and not yet reusable", n=frame.channel_number)
+                return
+            deliver(frame)
+
+        impl._on_channel_cleanup = on_cleanup
+        impl._deliver_frame_to_channel = to_channel
+        impl._next_channel_number = self._next
+
+    def _next(self) -> int:
+        impl = self._impl
+        limit = impl.params.channel_max or pika.channel.MAX_CHANNELS
+        for number in range(1, limit + 1):
+            if number not in impl._channels and number not in self.held:
+                return number
+        raise pika_exc.NoFreeChannels()
+
+    def opening(self, opened: Deferred) -> Deferred:
+        """opened fires once the broker answered a channel.open sent now: what is held now is free then."""
+        held = set(self.held)
+
+        def release(channel: Any) -> Any:
+            self.held -= held
+            return channel
+
+        return opened.addCallback(release)
+

@@ -1,0 +1,102 @@
+"""A memory alarm while a quarantine copy waits for its confirm, then the consumer ack timeout:
+the copy's wait is bounded, the connection survives, and the message is quarantined once.
+A private node: the test alarms it and shortens its consumer timeout."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from amqp_consumer import quarantine
+from amqp_consumer.config import load
+from amqp_consumer.daemon import Daemon
+from tests.conftest import until
+from tests.support.broker import Broker, unique
+
+
+@pytest.fixture(scope="module")
+def alarm_node(tmp_path_factory: pytest.TempPathFactory):
+    from tests.support.rabbitnode import RabbitNode, rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed: cannot start a private node")
+    node = RabbitNode("amqpc-alarm", tmp_path_factory.mktemp("alarm"), extra_config={"consumer_timeout": "3000"})
+    # the consumer timeout is checked on the channel's tick, once a minute unless told otherwise
+    (node.dir / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 500}]}].\n")
+    node.start()
+    yield node
+    node.cleanup()
+
+
+class Captured(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest_twisted.ensureDeferred
+async def test_alarm_then_ack_timeout(reactor, tmp_path: Path, alarm_node, monkeypatch):
+    monkeypatch.setattr(quarantine, "PUBLISH_TIMEOUT", 8.0)
+    broker = Broker(alarm_node.url)
+    queue = unique("q")
+    p = tmp_path / "c.toml"
+    p.write_text(
+        f"""
+[amqp]
+urls = ["{alarm_node.url}"]
+reconnect_min_delay = 0.1
+reconnect_max_delay = 1.0
+[[queues]]
+name = "{queue}"
+[consumer]
+callback = "x:y"
+[health]
+listen = ""
+"""
+    )
+    runs: list[str] = []
+
+    def callback(message):
+        runs.append(message.id)
+        raise ValueError("cannot handle it")
+
+    pika_log = Captured()
+    logging.getLogger("pika").addHandler(pika_log)
+    broker.declare(queue)
+    broker.publish_json(queue, [{"n": 1}], message_id="poison")
+    alarm_node.ctl("set_vm_memory_high_watermark", "0")  # publishing blocks from now on
+    daemon = Daemon(reactor, load(p), callback, on_exit=lambda c: None)
+    daemon.startService()
+    alarmed = True
+    try:
+        await until(reactor, lambda: runs, what="the callback ran")
+        # its copy cannot be confirmed; 3 s on, the broker closes the channel for the ack timeout
+        await until(reactor, lambda: daemon.metrics.quarantine_failures[queue] == 1, timeout=30, what="the copy's deadline")
+        assert "channel closed: 406" in daemon.state.readiness()[1]
+        alarm_node.ctl("set_vm_memory_high_watermark", "0.4")
+        alarmed = False
+        await until(
+            reactor,
+            lambda: daemon.state.readiness()[0] and broker.depth(queue) == 0 and not len(daemon.consumer.inflight)
+            and daemon.metrics.value("quarantined", queue) + daemon.metrics.value("acked", queue) >= 1,
+            timeout=30,
+            what="consuming again with the message settled",
+        )
+        assert broker.depth(queue + ".quarantine") == 1  # quarantined once
+        assert runs == ["poison"]  # and never run again
+        assert daemon.state.reconnects == 0  # the connection lived through it all
+        assert not [line for line in pika_log.lines if "unregistered channel" in line]
+    finally:
+        if alarmed:
+            alarm_node.ctl("set_vm_memory_high_watermark", "0.4")
+        await daemon.stopService()
+        logging.getLogger("pika").removeHandler(pika_log)
+        broker.delete(queue)
+        broker.delete(queue + ".quarantine")
+        broker.close()
