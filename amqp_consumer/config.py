@@ -183,6 +183,11 @@ class ConsumerConfig:
     prefetch: int = _key("unacknowledged deliveries the broker may send ahead", default=100, check=_range(1, 65535, "a whole number"))
     workers: int = _key("sync callbacks running at once; 1 keeps delivery order", default=1, check=_range(1, 256, "a whole number"))
     drain_timeout: float = _key("seconds in-flight callbacks get to finish on shutdown", default=30.0, check=_range(0, 86400, "seconds"))
+    ack_timeout: float = _key(
+        "the broker's consumer ack timeout in seconds; 0 = the queue's x-consumer-timeout argument if declared, else 1800",
+        default=0.0,
+        check=_range(0, 604800, "seconds"),
+    )
     config: Mapping[str, Any] = _key("free table handed to the callback", default_factory=dict)
 
 

@@ -508,7 +508,8 @@ class Channel:
         self._tc = tc
         self._ch = tc._channel
         self.number: int = tc.channel_number
-        self._cancel_handlers: dict[str, Callable[[], None]] = {}
+        self._cancel_handlers: dict[str, Callable[[str], None]] = {}
+        self._on_message: dict[str, Callable[..., None]] = {}  # per consumer tag, to answer a broker's cancel
         self._ch.add_on_cancel_callback(self._on_cancel)
         self.close_reason: ChannelClosed | None = None
         self._close_listeners: list[Callable[[ChannelClosed], None]] = []
@@ -538,9 +539,10 @@ class Channel:
             listener(error)
 
     def _on_cancel(self, frame: Any) -> None:
-        handler = self._cancel_handlers.pop(frame.method.consumer_tag, None)
+        tag = frame.method.consumer_tag
+        handler = self._cancel_handlers.pop(tag, None)
         if handler is not None:
-            handler()
+            handler(tag)
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -587,7 +589,7 @@ class Channel:
     async def qos(self, prefetch: int) -> None:
         await self._call("basic_qos", prefetch_count=prefetch)
 
-    async def consume(self, queue: str, on_delivery: OnDelivery, on_cancel: Callable[[], None]) -> str:
+    async def consume(self, queue: str, on_delivery: OnDelivery, on_cancel: Callable[[str], None]) -> str:
         """Start a consumer; deliveries go to on_delivery on the reactor thread."""
         ch = self._ch
         done: Deferred = Deferred()
@@ -625,6 +627,7 @@ class Channel:
             # Keep TwistedChannel's bookkeeping consistent so a broker cancel is not logged as unknown.
             self._tc._consumers[tag] = ClosableDeferredQueue()
             self._cancel_handlers[tag] = on_cancel
+            self._on_message[tag] = on_message
             done.callback(tag)
 
         self.on_close(lambda error: done.errback(error) if not done.called else None)
@@ -636,8 +639,30 @@ class Channel:
 
     async def cancel(self, consumer_tag: str) -> None:
         self._cancel_handlers.pop(consumer_tag, None)
+        self._on_message.pop(consumer_tag, None)
         if self.is_open:
             await self._call("basic_cancel", consumer_tag)
+
+    async def answer_cancel(self, consumer_tag: str) -> bool:
+        """Answer the broker's basic.cancel with our own and wait for its cancel-ok (False if the
+        channel closed first).
+
+        RabbitMQ 4.3 keeps a consumer it cancelled for an ack timeout until the client answers
+        so; pika forgets the consumer on the broker's cancel and would then send nothing, so the
+        consumer is put back in pika's books first (a delivery racing in is still handled, and
+        pika rejects any after our cancel). For a consumer the broker no longer has (queue
+        deleted) RabbitMQ answers cancel-ok all the same.
+        """
+        on_message = self._on_message.pop(consumer_tag, None)
+        if on_message is None or not self.is_open:
+            return False
+        self._ch._consumers[consumer_tag] = on_message
+        self._tc._consumers[consumer_tag] = ClosableDeferredQueue()
+        try:
+            await self._call("basic_cancel", consumer_tag)
+        except ChannelClosed:
+            return False
+        return True
 
     def ack(self, tag: int, multiple: bool = False) -> None:
         self._ch.basic_ack(tag, multiple)

@@ -8,7 +8,7 @@ acked: the broker has already put it back in its queue.
 from __future__ import annotations
 
 from time import monotonic, time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -18,6 +18,14 @@ from twisted.python.failure import Failure
 
 from amqp_consumer import exitcodes, refusals
 from amqp_consumer.backoff import Backoff
+from amqp_consumer.brokerlimits import (
+    AckTimeoutWatch,
+    ack_timeouts,
+    is_ack_timeout_close,
+    limit_in_close,
+    near_limit,
+    warn_quorum_without_dead_letter,
+)
 from amqp_consumer.config import Config
 from amqp_consumer.connection import (
     AMQPError,
@@ -40,6 +48,10 @@ log = Logger(namespace="amqp_consumer.consumer")
 # a state no code path should leave us in, so reopen the channel rather than trust it.
 STUCK_AFTER = 60.0
 STUCK_CHECK_EVERY = 10.0
+# Deliveries received this close to the one whose ack timeout fired were sent with it,
+# so the broker took them back with it.
+TIMED_OUT_TOGETHER = 0.5
+ANSWER_TIMEOUT = 30.0  # for the broker's cancel-ok or close-ok
 
 
 def queue_label(configured: str) -> str:
@@ -59,7 +71,9 @@ def single_active_queues(config: Config) -> list[str]:
 
 
 class Delivery:
-    __slots__ = ("channel", "tag", "message", "label", "received", "started", "finished")
+    __slots__ = (
+        "channel", "tag", "message", "label", "received", "started", "finished", "withdrawn", "taken_back", "warned",
+    )
 
     def __init__(self, channel: Channel, tag: int, message: Message, label: str) -> None:
         self.channel = channel
@@ -69,6 +83,9 @@ class Delivery:
         self.received = monotonic()
         self.started: float | None = None
         self.finished: float | None = None
+        self.withdrawn = False  # taken from the dispatcher before it started (see Dispatcher.withdraw)
+        self.taken_back = False  # the broker returned it to its queue (ack timeout): its result is not sent
+        self.warned = False  # the 75 % ack-timeout warning covered it
 
 
 class InFlight:
@@ -103,6 +120,14 @@ class InFlight:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._by_channel.values())
+
+    def held(self, channel: Channel, label: str | None = None) -> list[Delivery]:
+        """The unsettled deliveries of one channel (and queue), oldest first."""
+        return [d for d in self._by_channel.get(channel, {}).values() if label is None or d.label == label]
+
+    def __iter__(self) -> Iterator[Delivery]:
+        for by_tag in list(self._by_channel.values()):
+            yield from list(by_tag.values())
 
     def oldest_age(self) -> float:
         firsts = [next(iter(v.values())).received for v in self._by_channel.values() if v]
@@ -172,6 +197,13 @@ class Consumer(Service):
         self._drained: Deferred | None = None
         self._skip_wait: Deferred | None = None
         self.halt_code: int | None = None
+        self.ack_timeouts = AckTimeoutWatch(
+            reactor, {queue_label(q): t for q, t in ack_timeouts(config).items()}, self.inflight.__iter__
+        )
+        # Queues whose consumer the broker cancelled, each waiting to consume again (see _resume_when_ready).
+        self._rejoin: dict[str, _Rejoin] = {}
+        # After an ack timeout closed the channel: the session to open a new one on, once a worker is free.
+        self._reopen: Session | None = None
         state.broker = self.connector.target
         state.watch_single_active(single_active_queues(config))
         metrics.watch(self._live_metrics, lambda: state.connection)
@@ -181,9 +213,11 @@ class Consumer(Service):
 
     def startService(self) -> None:
         super().startService()
+        warn_quorum_without_dead_letter(self.config)
         self.dispatcher.start()
         self.connector.startService()
         self._stuck_check.start(STUCK_CHECK_EVERY, now=False)
+        self.ack_timeouts.start()
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -198,6 +232,9 @@ class Consumer(Service):
     async def _shutdown(self) -> None:
         if self._stuck_check.running:
             self._stuck_check.stop()
+        self.ack_timeouts.stop()
+        self._rejoin.clear()
+        self._reopen = None
         self.state.set_flag("draining", True)
         self._skip_wait = Deferred()
         if self._retry_call is not None and self._retry_call.active():
@@ -248,6 +285,8 @@ class Consumer(Service):
         self._channel = None
         self._setup = None
         self._tags.clear()
+        self._rejoin.clear()
+        self._reopen = None
         self.publisher.attach(None)
         self._acks.clear()  # the channels' close listeners have dropped their deliveries
         if self.running:
@@ -296,7 +335,8 @@ class Consumer(Service):
         for q in self.state.consuming:
             if ch is not self._channel or not ch.is_open:
                 return  # a refusal closed it: the retry starts over
-            await self._consume(ch, q)
+            if q not in self._rejoin:  # that one waits for its cancelled consumer to let go
+                await self._consume(ch, q)
 
     def _refused(self, error: ConnectionClosed | ChannelClosed) -> str | None:
         """The set-up step that the broker refused, with what to do about it; None outside set-up."""
@@ -318,7 +358,7 @@ class Consumer(Service):
             on_delivery = self._first_delivery_marks_active(q, on_delivery)
         self._setup = f"cannot consume {real!r}"
         try:
-            tag = await ch.consume(real, on_delivery, on_cancel=lambda: self._cancelled(ch, q))
+            tag = await ch.consume(real, on_delivery, on_cancel=lambda tag: self._cancelled(ch, q, tag))
         except AMQPError:
             return  # refused (403 while another client holds it exclusively, 404, ...): the close handler explains and retries
         if ch is not self._channel:
@@ -333,11 +373,15 @@ class Consumer(Service):
             self.connector.reset_backoff()
 
     def _channel_closed(self, ch: Channel, session: Session, error: ChannelClosed) -> None:
-        for d in self.dispatcher.discard(lambda d: d.channel is not ch):
-            self._done(d)  # never started; the broker requeues it
-        returned = self.inflight.drop_channel(ch)
+        held = self.inflight.held(ch)
+        # The broker requeued everything on the channel: what has not started runs under its redelivery.
+        for d in self.dispatcher.withdraw(lambda d: d.channel is ch):
+            self._done(d)
+        self.inflight.drop_channel(ch)
         self._acks.pop(ch, None)
         self._check_drained()
+        for q in [q for q, r in self._rejoin.items() if r.channel is ch]:
+            del self._rejoin[q]
         if ch is not self._channel:
             return
         self._channel = None
@@ -346,10 +390,38 @@ class Consumer(Service):
             return  # our own close, or the whole connection went: the connection handler takes over
         delay = self._next_retry_delay()
         refused = self._refused(error)
+        timed_out = refused is None and is_ack_timeout_close(error.code, error.text)
         if refused is not None:
             for q in self.state.consuming:
                 self.state.set_consuming(q, False, refused)
             log.error("{why}; opening a new channel in {delay:.1f} s", why=refused, delay=delay)
+        elif timed_out:
+            # RabbitMQ 3.x (and classic queues): the whole channel goes, with every delivery on it.
+            for q in self.state.consuming:
+                self.state.set_consuming(q, False, "consumer ack timeout")
+            oldest = held[0] if held else None
+            label = oldest.label if oldest is not None else "?"
+            if label in self.metrics.ack_timeouts:
+                self.metrics.ack_timeouts[label] += 1
+            log.warn(
+                "consumer ack timeout on {queue!r}: the oldest delivery was {age:.1f} s old (limit {limit:g} s); "
+                "the broker closed the channel and returned its {n} unsettled deliveries to their queues; "
+                "callbacks still running finish, and their messages run again; consuming again in {delay:.1f} s"
+                "{free}",
+                queue=self._names.get(configured_name(label), label),
+                age=monotonic() - oldest.received if oldest is not None else 0.0,
+                limit=limit_in_close(error.text) or self.ack_timeouts.limit(label),
+                n=len(held),
+                delay=delay,
+                free="" if self.dispatcher.is_async else " or, if later, once a worker is free",
+            )
+
+            def reopen() -> None:
+                self._reopen = session
+                self._resume_when_ready()
+
+            self._retry_call = self._reactor.callLater(delay, reopen)
+            return
         else:
             for q in self.state.consuming:
                 self.state.set_consuming(q, False, f"channel closed: {error}")
@@ -357,36 +429,136 @@ class Consumer(Service):
                 "the broker closed our channel: {why}; {n} unsettled deliveries go back to the queue; "
                 "opening a new channel in {delay:.1f} s",
                 why=error,
-                n=returned,
+                n=len(held),
                 delay=delay,
             )
         self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(self._open(session)))
 
-    def _cancelled(self, ch: Channel, q: str) -> None:
-        self._tags.pop(q, None)
+    def _cancelled(self, ch: Channel, q: str, tag: str) -> None:
+        """The broker cancelled our consumer: its queue was deleted, its node failed, or (RabbitMQ 4.x
+        quorum queues) a delivery reached the consumer ack timeout. See brokerlimits for what 4.3 does."""
+        if self._tags.get(q) == tag:
+            del self._tags[q]
+        label = queue_label(q)
+        held = self.inflight.held(ch, label)
+        now = monotonic()
+        oldest = now - held[0].received if held else 0.0
+        limit = self.ack_timeouts.limit(label)
+        timed_out = bool(held) and near_limit(oldest, limit)
+        if timed_out:
+            self.metrics.ack_timeouts[label] += 1
+            for d in held:
+                if now - d.received >= oldest - TIMED_OUT_TOGETHER:
+                    d.taken_back = True
+        # What has not started goes back now and runs once, under its redelivery. A nack for one
+        # the broker already took back is ignored; one it still holds must not wait for its timeout.
+        returned = self.dispatcher.withdraw(lambda d: d.channel is ch and d.label == label)
+        for d in returned:
+            self._settle(d, NOT_RUN)
+        # The broker (4.3) keeps a consumer it cancelled until we answer; then it is gone for good
+        # once it holds no unsettled delivery, and only then do we consume again.
+        answered = _within(self._reactor, ch.answer_cancel(tag), ANSWER_TIMEOUT)
         if not self.running or ch is not self._channel:
+            answered.addErrback(lambda f: None)
             return
         real = self._names.get(q, q)
-        self.state.set_consuming(q, False, "consumer cancelled by the broker")
         delay = self._next_retry_delay()
-        log.warn(
-            "the broker cancelled our consumer on {queue!r} (queue deleted or its node failed); "
-            "declaring and consuming again in {delay:.1f} s",
-            queue=real,
-            delay=delay,
+        if timed_out:
+            self.state.set_consuming(q, False, "consumer ack timeout")
+            log.warn(
+                "consumer ack timeout on {queue!r}: the oldest delivery was {age:.1f} s old (limit {limit:g} s); "
+                "the broker cancelled our consumer and takes back what reached the limit; deliveries that had "
+                "not started go back to the queue ({n}), running callbacks finish ({r}); consuming again in "
+                "{delay:.1f} s or, if later, once the old consumer holds nothing{free}",
+                queue=real,
+                age=oldest,
+                limit=limit,
+                n=len(returned),
+                r=len(held) - len(returned),
+                delay=delay,
+                free="" if self.dispatcher.is_async else " and a worker is free",
+            )
+        else:
+            self.state.set_consuming(q, False, "consumer cancelled by the broker")
+            log.warn(
+                "the broker cancelled our consumer on {queue!r} (queue deleted or its node failed{hint}); "
+                "declaring and consuming again in {delay:.1f} s",
+                queue=real,
+                hint=""
+                if not held
+                else f"; or a consumer timeout below [consumer] ack_timeout = {limit:g} s: the oldest of the "
+                f"{len(held)} deliveries it held was {oldest:.1f} s old",
+                delay=delay,
+            )
+        rejoin = self._rejoin[q] = _Rejoin(ch)
+
+        def ready(what: str) -> None:
+            setattr(rejoin, what, True)
+            self._resume_when_ready()
+
+        def unanswered(why: Any) -> None:
+            if self._rejoin.get(q) is not rejoin or ch is not self._channel or not ch.is_open:
+                return  # the channel closed meanwhile: its own recovery consumes again
+            # Closing the channel is the sure way to be rid of the old consumer.
+            log.warn("the broker did not confirm cancelling our consumer on {queue!r} ({why}); opening a new channel",
+                     queue=real, why=why)
+            session = self._session
+            self._rejoin.clear()
+            self._channel = None
+            self._tags.clear()
+            if session is not None:
+                defer.ensureDeferred(self._reopen_after(ch, session))
+
+        answered.addCallbacks(
+            lambda ok: ready("answered") if ok else unanswered("no cancel-ok"), lambda f: unanswered(f.value)
         )
+        self._retry_call = self._reactor.callLater(delay, ready, "due")
 
-        async def again() -> None:
-            if ch is not self._channel or not ch.is_open or not self.running or self.state.paused:
-                return
-            self._setup = "declaring the topology failed"
-            try:
-                self._names = await ch.declare(self.config)
-            except AMQPError:
-                return  # the channel's or the connection's close handler explains and retries
-            await self._consume(ch, q)
+    async def _reopen_after(self, old: Channel, session: Session) -> None:
+        try:
+            await _within(self._reactor, old.close(), ANSWER_TIMEOUT)
+        except Exception:  # closed already, or the connection went: _open sorts that out
+            pass
+        await self._open(session)
 
-        self._retry_call = self._reactor.callLater(delay, lambda: defer.ensureDeferred(again()))
+    def _resume_when_ready(self) -> None:
+        """Consume again where the broker's cancel or ack timeout stopped us, as soon as it makes sense.
+
+        A queue whose consumer the broker cancelled waits for our cancel to be answered and
+        for the old consumer to hold nothing still unsettled, so there is never more than
+        one consumer per queue. After an ack timeout, consuming also waits (sync callbacks)
+        until some worker is not stuck on a delivery the broker took back: whatever came in
+        meanwhile could only wait for the timeout again.
+        """
+        if not self.running or self.state.paused:
+            return
+        free = self.dispatcher.is_async or sum(
+            1 for d in self.dispatcher.running() if d.taken_back or not d.channel.is_open
+        ) < self.dispatcher.workers
+        if self._reopen is not None and free:
+            session, self._reopen = self._reopen, None
+            defer.ensureDeferred(self._open(session))
+        for q, rejoin in list(self._rejoin.items()):
+            ch = rejoin.channel
+            if ch is not self._channel or not ch.is_open:
+                del self._rejoin[q]
+                continue
+            if not (rejoin.answered and rejoin.due and free):
+                continue
+            if any(not d.taken_back for d in self.inflight.held(ch, queue_label(q))):
+                continue
+            del self._rejoin[q]
+            defer.ensureDeferred(self._rejoin_queue(ch, q))
+
+    async def _rejoin_queue(self, ch: Channel, q: str) -> None:
+        if ch is not self._channel or not ch.is_open or not self.running or self.state.paused:
+            return
+        self._setup = "declaring the topology failed"
+        try:
+            self._names = await ch.declare(self.config)
+        except AMQPError:
+            return  # the channel's or the connection's close handler explains and retries
+        await self._consume(ch, q)
 
     def _check_consuming(self) -> None:
         """The last line of defence against being up without consuming."""
@@ -396,7 +568,8 @@ class Consumer(Service):
             self._stuck_since = None
             return
         idle = [q for q, on in s.consuming.items() if not on]
-        if not idle or (self._retry_call is not None and self._retry_call.active()):
+        waiting = self._rejoin or self._reopen is not None  # after a broker cancel or ack timeout, on purpose
+        if not idle or waiting or (self._retry_call is not None and self._retry_call.active()):
             self._stuck_since = None
             return
         now = self._reactor.seconds()
@@ -436,6 +609,7 @@ class Consumer(Service):
         ch = self._channel
         if ch is not None and ch.is_open:
             await self._consume_all(ch)
+        self._resume_when_ready()
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -498,6 +672,9 @@ class Consumer(Service):
 
     def _settle(self, d: Delivery, result: tuple) -> None:
         kind = result[0]
+        if d.taken_back and kind != "halt":  # no copy to quarantine either: it runs again
+            self._send(d, None, _nothing)
+            return
         if kind == "ack":
             self._ack(d)
         elif kind == "requeue":
@@ -525,6 +702,8 @@ class Consumer(Service):
         self.inflight.remove(d)
         if self._drained is not None:
             self._check_drained()
+        if self._rejoin or self._reopen is not None:
+            self._resume_when_ready()
 
     def _drained_now(self) -> bool:
         """Nothing in flight and no callback running, not even one whose channel is gone."""
@@ -535,17 +714,36 @@ class Consumer(Service):
             self._drained.callback(None)
 
     def _send(self, d: Delivery, outcome: str | None, send: Callable[[], None]) -> None:
-        if d.channel.is_open:
+        if not d.channel.is_open:
+            log.debug("delivery {tag} came from a closed channel; the broker has requeued it", tag=d.tag)
+        elif d.taken_back:
+            self._give_back(d)
+        else:
             send()
             if outcome:
                 self.metrics.counters[outcome][d.label] += 1
-        else:
-            log.debug("delivery {tag} came from a closed channel; the broker has requeued it", tag=d.tag)
         self._done(d)
+
+    def _give_back(self, d: Delivery) -> None:
+        """The broker took this delivery back at its ack timeout, so its result no longer counts.
+
+        A nack for it is ignored by RabbitMQ 4.3 (no channel error), and returns it should it
+        still be held after all; either way a later multiple ack never covers it.
+        """
+        if d.started is not None:
+            log.info(
+                "message {message_id} from {queue!r} finished after the broker took it back (consumer ack "
+                "timeout): its result is dropped and it runs again",
+                message_id=d.message.id or f"tag:{d.tag}",
+                queue=d.label,
+            )
+        d.channel.nack(d.tag, requeue=True)
 
     def _ack(self, d: Delivery) -> None:
         """Acks are gathered for one reactor turn, then sent with multiple=True where the tags allow."""
-        if d.channel.is_open:
+        if d.taken_back and d.channel.is_open:
+            self._give_back(d)
+        elif d.channel.is_open:
             tags = self._acks.get(d.channel)
             if tags is None:
                 tags = self._acks[d.channel] = []
@@ -608,6 +806,21 @@ class Consumer(Service):
             "amqp_consumer_workers_busy": self.dispatcher.busy,
             "amqp_consumer_workers_total": 0 if self.dispatcher.is_async else self.dispatcher.workers,
         }
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Rejoin:
+    """A queue whose consumer the broker cancelled: consuming again waits for both flags."""
+
+    __slots__ = ("channel", "answered", "due")
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.answered = False  # the broker confirmed our basic.cancel
+        self.due = False  # the retry delay has passed
 
 
 def _first(reactor: Any, ds: list[Deferred], timeout: float) -> Deferred:

@@ -38,6 +38,7 @@ ACK = ("ack",)
 REQUEUE = ("requeue",)
 REJECT = ("reject",)
 NOT_RUN = ("not-run",)
+WITHDRAWN = ("withdrawn",)  # taken back by withdraw() and settled there; never reported
 
 
 def quarantine(error: BaseException, detail: str) -> tuple[str, BaseException, str]:
@@ -133,11 +134,12 @@ class WorkerPool(ThreadPool):
 class Dispatcher:
     """Runs deliveries through the callback and reports (delivery, outcome) pairs on the reactor thread.
 
-    ``deliveries`` are objects with ``message``, ``channel`` (with ``is_open``)
-    and ``started``/``finished`` attributes (see consumer.Delivery); the
-    dispatcher only fills in times. A delivery whose channel has closed by the
-    time its callback would start is reported NOT_RUN: the broker has already
-    requeued it, so running it would run it twice.
+    ``deliveries`` are objects with ``message``, ``channel`` (with ``is_open``),
+    ``started``/``finished`` and ``withdrawn`` attributes (see consumer.Delivery);
+    the dispatcher only fills in times and marks what ``withdraw`` takes back. A
+    delivery whose channel has closed by the time its callback would start is
+    reported NOT_RUN: the broker has already requeued it, so running it would run
+    it twice.
     """
 
     def __init__(
@@ -154,6 +156,9 @@ class Dispatcher:
         self.is_async = is_async(callback)
         self._pending: list[Any] = []
         self._busy = 0  # batches (sync) or coroutines (async) running
+        self._batches: dict[int, list[Any]] = {}  # handed to worker threads, not yet reported (by id)
+        # A worker starts a delivery, or withdraw() takes it back: this lock makes it one or the other.
+        self._claim = threading.Lock()
         self._pump_scheduled = False
         self.accepting = True
         self._pool: WorkerPool | None = None
@@ -189,12 +194,32 @@ class Dispatcher:
             self._pump_scheduled = True
             self._reactor.callLater(0, self._pump)
 
-    def discard(self, keep: Callable[[Any], bool]) -> list[Any]:
-        """Remove and return pending deliveries for which keep() is false."""
-        gone = [d for d in self._pending if not keep(d)]
+    def withdraw(self, which: Callable[[Any], bool]) -> list[Any]:
+        """Take back the deliveries for which which() is true and whose callback has not started.
+
+        That includes those waiting in a batch a worker thread is running: each
+        delivery either starts or is returned here, never both. The caller settles
+        what this returns; the batch reports nothing for them.
+        """
+        keep: list[Any] = []
+        gone: list[Any] = []
+        for d in self._pending:
+            (gone if which(d) else keep).append(d)
         if gone:
-            self._pending = [d for d in self._pending if keep(d)]
+            self._pending = keep
+            for d in gone:
+                d.withdrawn = True
+        with self._claim:
+            for batch in self._batches.values():
+                for d in batch:
+                    if d.started is None and not d.withdrawn and which(d):
+                        d.withdrawn = True
+                        gone.append(d)
         return gone
+
+    def running(self) -> list[Any]:
+        """Deliveries whose sync callback is running now (async ones are not tracked here)."""
+        return [d for b in self._batches.values() for d in b if d.started is not None and d.finished is None]
 
     def take_pending(self) -> list[Any]:
         """Stop accepting work and hand back what never started."""
@@ -227,21 +252,28 @@ class Dispatcher:
                 batch, self._pending = self._pending[:size], self._pending[size:]
             self._busy += 1
             free -= 1
+            self._batches[id(batch)] = batch
             d = deferToThreadPool(self._reactor, self._pool, self._run_batch, batch)
             d.addCallback(self._batch_done, batch)
             d.addErrback(lambda f: log.failure("worker batch failed", f))
 
     def _run_batch(self, batch: list[Any]) -> list[tuple]:
         fn = self._fn
+        claim = self._claim
         out: list[tuple] = []
         append = out.append
         for delivery in batch:
-            # Read on this worker thread, but only ever set on the reactor's: a
-            # channel lost while the batch waited or ran turns the rest of it away.
-            if not self.accepting or not delivery.channel.is_open:
-                append(NOT_RUN)
-                continue
-            delivery.started = monotonic()
+            with claim:
+                if delivery.withdrawn:
+                    append(WITHDRAWN)
+                    continue
+                # Read on this worker thread, but only ever set on the reactor's: a
+                # channel lost while the batch waited or ran turns the rest of it away.
+                if not self.accepting or not delivery.channel.is_open:
+                    delivery.withdrawn = True  # reported as not run here, so withdraw() must not take it too
+                    append(NOT_RUN)
+                    continue
+                delivery.started = monotonic()
             try:
                 message = delivery.message
                 message.decode()
@@ -257,6 +289,10 @@ class Dispatcher:
 
     def _batch_done(self, results: list[tuple], batch: list[Any]) -> None:
         self._busy -= 1
+        del self._batches[id(batch)]
+        if any(r is WITHDRAWN for r in results):
+            kept = [(d, r) for d, r in zip(batch, results) if r is not WITHDRAWN]
+            batch, results = [d for d, _ in kept], [r for _, r in kept]
         self._on_results(batch, results)
         if self._pending and not self._pump_scheduled:
             self._pump_scheduled = True

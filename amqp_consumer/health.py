@@ -38,11 +38,14 @@ def status_document(daemon: Daemon) -> dict[str, Any]:
     doc["inflight"] = {
         "count": len(consumer.inflight),
         "oldest_seconds": round(consumer.inflight.oldest_age(), 3),
+        # the delivery nearest its queue's consumer ack timeout: queue, message_id, age, limit, percent
+        "ack_timeout": consumer.ack_timeouts.nearest(),
     }
     doc["messages"] = {
         label: {outcome: int(metrics.value(outcome, label)) for outcome in OUTCOMES}
         for label in metrics.counters["received"]
     }
+    doc["ack_timeouts"] = dict(metrics.ack_timeouts)
     doc["workers"] = {
         "kind": "async" if dispatcher.is_async else "threads",
         "busy": dispatcher.busy,

@@ -90,16 +90,16 @@ class _Counts:
         yield family
 
 
-class _QuarantineFailures:
-    def __init__(self, counts: dict[str, int]) -> None:
+class _PerQueue:
+    """A counter by queue."""
+
+    def __init__(self, name: str, documentation: str, counts: dict[str, int]) -> None:
+        self._name = name
+        self._documentation = documentation
         self._counts = counts
 
     def collect(self) -> Iterable[Any]:
-        family = CounterMetricFamily(
-            "amqp_consumer_quarantine_failures",
-            "Messages whose quarantine copy could not be published (each then rejected or requeued)",
-            labels=["queue"],
-        )
+        family = CounterMetricFamily(self._name, self._documentation, labels=["queue"])
         for queue, n in self._counts.items():
             family.add_metric([queue], n)
         yield family
@@ -142,7 +142,21 @@ class Metrics:
         self.counters: dict[str, dict[str, int]] = {o: {} for o in OUTCOMES}
         self.registry.register(_Counts(self.counters))
         self.quarantine_failures: dict[str, int] = {}
-        self.registry.register(_QuarantineFailures(self.quarantine_failures))
+        self.registry.register(
+            _PerQueue(
+                "amqp_consumer_quarantine_failures",
+                "Messages whose quarantine copy could not be published (each then rejected or requeued)",
+                self.quarantine_failures,
+            )
+        )
+        self.ack_timeouts: dict[str, int] = {}
+        self.registry.register(
+            _PerQueue(
+                "amqp_consumer_ack_timeouts",
+                "Times the broker took deliveries back because they stayed unacknowledged past its consumer timeout",
+                self.ack_timeouts,
+            )
+        )
         self.duration = Durations(
             "amqp_consumer_callback_duration_seconds",
             "Time the callback took per message",
@@ -157,6 +171,7 @@ class Metrics:
         for outcome in OUTCOMES:
             self.counters[outcome].setdefault(label, 0)
         self.quarantine_failures.setdefault(label, 0)
+        self.ack_timeouts.setdefault(label, 0)
 
     def quarantine_failed(self, label: str) -> None:
         self.quarantine_failures[label] = self.quarantine_failures.get(label, 0) + 1

@@ -25,6 +25,7 @@ class D:
         self.channel = channel or Ch()
         self.started: float | None = None
         self.finished: float | None = None
+        self.withdrawn = False
 
 
 def run(callback: Any, *deliveries: D) -> tuple[Clock, Dispatcher, list[tuple[int, tuple]]]:
