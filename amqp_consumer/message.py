@@ -89,6 +89,26 @@ class Message:
         self._decoded = False
 
     @property
+    def delivery_count(self) -> int | None:
+        """How many times the broker delivered this message before; None when it cannot be known.
+
+        Quorum queues send ``x-delivery-count``. RabbitMQ 4.3 adds ``x-acquired-count``
+        (every earlier delivery) and from then on counts in ``x-delivery-count`` only the
+        returns that count towards the queue's delivery limit (rejects, lost connections;
+        not a Nack, not a consumer ack timeout). ``x-acquired-count`` wins when both are
+        there: it counts what 3.x's ``x-delivery-count`` counts, so one history gives one
+        number on either broker. Without either header (classic queues; 4.3 on a first
+        delivery) a message that is not ``redelivered`` was never delivered before: 0;
+        a redelivered one gives None.
+        """
+        headers = self.headers
+        for key in ("x-acquired-count", "x-delivery-count"):
+            value = headers.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None if self.redelivered else 0
+
+    @property
     def topic(self) -> str:
         """Alias of routing_key, for code written against topic exchanges."""
         return self.routing_key

@@ -324,6 +324,20 @@ def test_withdraw_takes_back_what_waits_in_a_running_batch_and_never_runs_it() -
         dispatcher.stop(join=True)
 
 
+@pytest.mark.parametrize(
+    ("headers", "redelivered", "count"),
+    [
+        ({"x-delivery-count": 2}, True, 2),  # a quorum queue on 3.x
+        ({"x-acquired-count": 3, "x-delivery-count": 1}, True, 3),  # 4.3: every earlier delivery wins
+        ({"x-acquired-count": 1}, True, 1),  # 4.3 after a Nack
+        ({}, False, 0),  # a first delivery
+        ({}, True, None),  # a classic queue: redelivered, but how often is not known
+    ],
+)
+def test_delivery_count_from_the_broker_headers(headers: dict, redelivered: bool, count: int | None) -> None:
+    assert Message(body=b"", headers=headers, redelivered=redelivered).delivery_count == count
+
+
 def test_a_quorum_queue_without_dead_letter_exchange_is_named_at_start(tmp_path: Path, logged: list[str]) -> None:
     p = tmp_path / "c.toml"
     p.write_text(

@@ -19,6 +19,7 @@ def _record(message, **extra) -> None:
         "queue": message.queue,
         "routing_key": message.routing_key,
         "redelivered": message.redelivered,
+        "delivery_count": message.delivery_count,
         "thread": threading.current_thread().name,
         **extra,
     }
