@@ -11,10 +11,10 @@ import pytest
 import pytest_twisted
 
 from amqp_consumer import quarantine
-from amqp_consumer.config import load
 from amqp_consumer.daemon import Daemon
 from tests.conftest import until
 from tests.support.broker import Broker, unique
+from tests.support.inprocess import inprocess_config
 
 
 @pytest.fixture(scope="module")
@@ -41,25 +41,10 @@ class Captured(logging.Handler):
 
 
 @pytest_twisted.ensureDeferred
-async def test_alarm_then_ack_timeout(reactor, tmp_path: Path, alarm_node, monkeypatch):
+async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_once_on_one_connection(reactor, tmp_path: Path, alarm_node, monkeypatch):
     monkeypatch.setattr(quarantine, "PUBLISH_TIMEOUT", 8.0)
     broker = Broker(alarm_node.url)
     queue = unique("q")
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f"""
-[amqp]
-urls = ["{alarm_node.url}"]
-reconnect_min_delay = 0.1
-reconnect_max_delay = 1.0
-[[queues]]
-name = "{queue}"
-[consumer]
-callback = "x:y"
-[health]
-listen = ""
-"""
-    )
     runs: list[str] = []
 
     def callback(message):
@@ -71,7 +56,7 @@ listen = ""
     broker.declare(queue)
     broker.publish_json(queue, [{"n": 1}], message_id="poison")
     alarm_node.ctl("set_vm_memory_high_watermark", "0")  # publishing blocks from now on
-    daemon = Daemon(reactor, load(p), callback, on_exit=lambda c: None)
+    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, alarm_node.url), callback, on_exit=lambda c: None)
     daemon.startService()
     alarmed = True
     try:

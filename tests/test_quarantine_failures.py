@@ -4,36 +4,14 @@ queue, and never another run of the callback. A private node, since a policy mak
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import pytest
 import pytest_twisted
 
 from amqp_consumer import quarantine
-from amqp_consumer.config import load
 from amqp_consumer.daemon import Daemon
 from tests.conftest import until
 from tests.support.broker import Broker, unique
-
-
-def config(tmp_path: Path, url: str, queue: str, arguments: str = "{}"):
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f"""
-[amqp]
-urls = ["{url}"]
-reconnect_min_delay = 0.1
-reconnect_max_delay = 1.0
-[[queues]]
-name = "{queue}"
-arguments = {arguments}
-[consumer]
-callback = "x:y"
-[health]
-listen = ""
-"""
-    )
-    return load(p)
+from tests.support.inprocess import inprocess_config
 
 
 @pytest.fixture
@@ -65,7 +43,7 @@ async def test_after_bounded_tries_the_message_goes_to_its_dead_letter_exchange(
     arguments = f'{{"x-dead-letter-exchange" = "", "x-dead-letter-routing-key" = "{dlq}"}}'
     policy = refuse_quarantine(running_node, queue)
     runs: list[str] = []
-    daemon = Daemon(reactor, config(tmp_path, running_node.url, queue, arguments), failing(runs), on_exit=lambda c: None)
+    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, running_node.url, arguments), failing(runs), on_exit=lambda c: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
@@ -92,7 +70,7 @@ async def test_without_a_dead_letter_exchange_it_is_requeued_and_comes_back_to_q
     queue = unique("q")
     policy = refuse_quarantine(running_node, queue)
     runs: list[str] = []
-    daemon = Daemon(reactor, config(tmp_path, running_node.url, queue), failing(runs), on_exit=lambda c: None)
+    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, running_node.url), failing(runs), on_exit=lambda c: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
