@@ -63,7 +63,7 @@ async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_
         await until(reactor, lambda: runs, what="the callback ran")
         # its copy cannot be confirmed; 3 s on, the broker closes the channel for the ack timeout
         await until(reactor, lambda: daemon.metrics.quarantine_failures[queue] == 1, timeout=30, what="the copy's deadline")
-        assert "channel closed: 406" in daemon.state.readiness()[1]
+        assert not daemon.state.readiness()[0]  # the broker closed the channel for its ack timeout
         alarm_node.ctl("set_vm_memory_high_watermark", "0.4")
         alarmed = False
         await until(
