@@ -417,8 +417,9 @@ class Consumer(Service):
             )
 
             def reopen() -> None:
-                self._reopen = session
-                self._resume_when_ready()
+                if session is self._session:  # else the connection went meanwhile: its recovery opens one
+                    self._reopen = session
+                    self._resume_when_ready()
 
             self._retry_call = self._reactor.callLater(delay, reopen)
             return
@@ -490,7 +491,7 @@ class Consumer(Service):
                 f"{len(held)} deliveries it held was {oldest:.1f} s old",
                 delay=delay,
             )
-        rejoin = self._rejoin[q] = _Rejoin(ch)
+        rejoin = self._rejoin[q] = _Rejoin(ch, after_timeout=timed_out)
 
         def ready(what: str) -> None:
             setattr(rejoin, what, True)
@@ -543,9 +544,13 @@ class Consumer(Service):
             if ch is not self._channel or not ch.is_open:
                 del self._rejoin[q]
                 continue
-            if not (rejoin.answered and rejoin.due and free):
+            if not (rejoin.answered and rejoin.due):
                 continue
-            if any(not d.taken_back for d in self.inflight.held(ch, queue_label(q))):
+            # Only a timed-out consumer lingers on the broker (4.3); a deleted queue's does not,
+            # and a callback stuck on one of its messages must not keep the queue unconsumed.
+            if rejoin.after_timeout and (
+                not free or any(not d.taken_back for d in self.inflight.held(ch, queue_label(q)))
+            ):
                 continue
             del self._rejoin[q]
             defer.ensureDeferred(self._rejoin_queue(ch, q))
@@ -815,10 +820,11 @@ def _nothing() -> None:
 class _Rejoin:
     """A queue whose consumer the broker cancelled: consuming again waits for both flags."""
 
-    __slots__ = ("channel", "answered", "due")
+    __slots__ = ("channel", "after_timeout", "answered", "due")
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, after_timeout: bool) -> None:
         self.channel = channel
+        self.after_timeout = after_timeout  # the consumer ack timeout, not a deleted queue
         self.answered = False  # the broker confirmed our basic.cancel
         self.due = False  # the retry delay has passed
 

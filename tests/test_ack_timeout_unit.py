@@ -198,6 +198,15 @@ def test_a_cancel_with_nothing_outstanding_is_a_deleted_queue_not_a_timeout(tmp_
     assert ch.consumed == ["q"]
 
 
+def test_after_a_deleted_queue_a_stuck_callback_does_not_hold_back_consuming(tmp_path: Path) -> None:
+    reactor, c, ch = make_consumer(tmp_path)
+    receive(c, ch, 1, age=0.5, running=True)  # far from the limit: not a timeout
+    c._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
+    ch.answers["ctag-0"].callback(True)
+    reactor.advance(1.0)
+    assert ch.consumed == ["q"] and c.metrics.ack_timeouts["q"] == 0
+
+
 def test_an_unconfirmed_cancel_is_settled_by_a_new_channel(tmp_path: Path, logged: list[str]) -> None:
     reactor, c, ch = make_consumer(tmp_path)
     opened = record_opens(c)
