@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-systemd venv broker rpm bench clean
+.PHONY: run test test-systemd venv broker rpm bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ rpm: venv
 
 bench: venv broker
 	$(PY) bench/run.py
+
+# Not part of `make test`: 30 minutes of mixed traffic against a private node killed every few minutes.
+SOAK_MINUTES ?= 30
+SOAK_BROKER ?= 3.10
+soak: venv
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) --broker $(SOAK_BROKER)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info twisted/plugins/dropin.cache
