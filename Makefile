@@ -22,6 +22,7 @@ run: venv broker
 	$(VENV)/bin/twistd --nodaemon --pidfile= amqp-consumer --config=conf/amqp-consumer.toml
 
 test: venv broker
+	$(PY) -m mypy  # strict; what it checks is set in pyproject.toml [tool.mypy]
 	$(PY) -m pytest  # includes make rpm's checks (tests/test_rpm.py) when rpmbuild is installed
 
 # The RPM installed into a booted systemd container (root, systemd-nspawn, debootstrap; see README).
