@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
 from amqp_consumer.arguments import BINDING_ARGUMENTS, EXCHANGE_ARGUMENTS, QUEUE_ARGUMENTS, ArgumentError, check_arguments
 from amqp_consumer.redact import redact
@@ -26,6 +26,11 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Section = TypeVar("_Section", bound="DataclassInstance")
 
 
 class ConfigError(Exception):
@@ -247,7 +252,7 @@ def _describe(value: Any) -> str:
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(where, f"expected a table, got {_describe(value)}")
         return _build(tp, value, where)
@@ -280,7 +285,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"schema type {tp!r} not handled")  # pragma: no cover
 
 
-def _build(cls: type, table: dict[str, Any], where: str) -> Any:
+def _build(cls: type[_Section], table: dict[str, Any], where: str) -> _Section:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for name in table:
@@ -397,17 +402,18 @@ def schema_keys() -> set[str]:
     """Every documented key as a dotted path; arrays of tables appear without an index."""
     keys: set[str] = set()
 
-    def walk(cls: type, prefix: str) -> None:
+    def walk(cls: type[DataclassInstance], prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.metadata.get("internal"):
                 continue
             tp = hints[f.name]
             key = _join(prefix, f.name)
-            if dataclasses.is_dataclass(tp):
+            inner = typing.get_args(tp)[0] if typing.get_origin(tp) is tuple else None
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 walk(tp, key)
-            elif typing.get_origin(tp) is tuple and dataclasses.is_dataclass(typing.get_args(tp)[0]):
-                walk(typing.get_args(tp)[0], key)
+            elif isinstance(inner, type) and dataclasses.is_dataclass(inner):
+                walk(inner, key)
             else:
                 keys.add(key)
 
@@ -430,7 +436,7 @@ def redacted(config: Config) -> dict[str, Any]:
     under consumer.config a key naming a password, secret, token or credential
     shows '***' whatever its value.
     """
-    data = _plain(config)
+    data: dict[str, Any] = _plain(config)
     data["consumer"]["config"] = _hide_secret_keys(data["consumer"]["config"])
     return data
 

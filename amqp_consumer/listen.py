@@ -7,13 +7,13 @@ the daemon with a one-line reason instead of a traceback.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory, IReactorTCP
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -22,7 +22,7 @@ from amqp_consumer import exitcodes
 log = Logger(namespace="amqp_consumer.listen")
 
 
-def describe_address(address: Any) -> str:
+def describe_address(address: IAddress) -> str:
     """host:port for TCP, the path for UNIX sockets."""
     host = getattr(address, "host", None)
     port = getattr(address, "port", None)
@@ -43,7 +43,7 @@ class Listener(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTCP,
         what: str,
         description: str,
         factory: IProtocolFactory,
@@ -58,17 +58,17 @@ class Listener(Service):
         self._announce = announce or (lambda address: f"listening on {address}")
         self.port: IListeningPort | None = None
         self.address: str | None = None
-        self._listening: Deferred | None = None
-        self._waiters: list[Deferred] = []
+        self._listening: Deferred[IListeningPort] | None = None
+        self._waiters: list[Deferred[IListeningPort]] = []
         self._stopped = False
 
     def privilegedStartService(self) -> None:
         # twistd calls this before dropping privileges: ports below 1024 work.
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
         self._listen()
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self._listen()
 
     def _listen(self) -> None:
@@ -98,19 +98,23 @@ class Listener(Service):
         for d in waiters:
             d.errback(failure)
 
-    def when_listening(self) -> Deferred:
+    def when_listening(self) -> Deferred[IListeningPort]:
         """Fires with the listening port (at once if already listening)."""
         if self.port is not None:
             return defer.succeed(self.port)
-        d: Deferred = Deferred()
+        d: Deferred[IListeningPort] = Deferred()
         self._waiters.append(d)
         return d
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
         self._stopped = True
         port, self.port = self.port, None
         self._listening = None
         if port is None:
             return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        try:  # what defer.maybeDeferred does, for a method that may return None
+            stopping = port.stopListening()
+        except Exception:
+            return defer.fail()
+        return stopping if stopping is not None else defer.succeed(None)

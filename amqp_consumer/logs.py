@@ -16,10 +16,11 @@ import re
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import IO, Any
+from typing import IO, Any, MutableMapping
 
 from twisted.logger import (
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
@@ -27,6 +28,7 @@ from twisted.logger import (
     PredicateResult,
     formatEvent,
 )
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from amqp_consumer.redact import redact
@@ -104,7 +106,7 @@ class LineObserver:
             pass
 
 
-def _is_handshake_noise(failure: Any) -> bool:
+def _is_handshake_noise(failure: Failure) -> bool:
     # Twisted's ClientService logs automat's NoTransition when the TCP connection
     # drops while the AMQP handshake is still running; the retry happens anyway.
     return type(failure.value).__name__ == "NoTransition"
@@ -134,18 +136,26 @@ def bridge_stdlib(pika_level: str) -> None:
 # Twisted's ports announce themselves through the legacy log at info level; the
 # listeners already log one line of their own, so these are shown at debug only.
 _PORT_CHATTER = re.compile(r"^(\S+ starting on \d+|\(\S+ Port \d+ Closed\))$")
+# constantly's named constants carry no static type.
+_NO: PredicateResult = PredicateResult.no
+_MAYBE: PredicateResult = PredicateResult.maybe
 
 
-def _twisted_chatter(event: dict[str, Any]) -> PredicateResult:
-    if event.get("log_namespace") == "log_legacy" and _PORT_CHATTER.match(formatEvent(event)):
-        return PredicateResult.no
-    # ClientService's "Scheduling retry N ..." counts from 1 again after every
-    # handshake, which misleads; the connector's own failure line gives the delay.
-    if str(event.get("log_namespace", "")).startswith("twisted.application") and str(
-        event.get("log_format", "")
-    ).startswith("Scheduling retry"):
-        return PredicateResult.no
-    return PredicateResult.maybe
+@implementer(ILogFilterPredicate)
+class _TwistedChatter:
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if event.get("log_namespace") == "log_legacy" and _PORT_CHATTER.match(formatEvent(event)):
+            return _NO
+        # ClientService's "Scheduling retry N ..." counts from 1 again after every
+        # handshake, which misleads; the connector's own failure line gives the delay.
+        if str(event.get("log_namespace", "")).startswith("twisted.application") and str(
+            event.get("log_format", "")
+        ).startswith("Scheduling retry"):
+            return _NO
+        return _MAYBE
+
+
+_twisted_chatter = _TwistedChatter()
 
 
 def make_observer(settings: LogSettings | None = None, stream: IO[str] | None = None) -> ILogObserver:
@@ -153,13 +163,13 @@ def make_observer(settings: LogSettings | None = None, stream: IO[str] | None = 
     if stream is None:
         stream = open(s.logfile, "a", buffering=1) if s.logfile and s.logfile != "-" else sys.stdout
     bridge_stdlib(s.pika_level)
-    predicates: list[Any] = [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[s.level])]
+    predicates: list[ILogFilterPredicate] = [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[s.level])]
     if s.level != "debug":
         predicates.insert(0, _twisted_chatter)
     return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps), predicates)
 
 
-def use_for_runner(runner_options: Any, settings: LogSettings) -> None:
+def use_for_runner(runner_options: MutableMapping[str, Any] | None, settings: LogSettings) -> None:
     """Make the runner whose options are runner_options (twistd's or twist's) log through make_observer.
 
     Under twist, [logging] overrides its --log-format and --log-level; its

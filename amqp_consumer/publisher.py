@@ -20,7 +20,7 @@ class Publisher:
     def __init__(self) -> None:
         self._session: Session | None = None
         self._channel: Channel | None = None
-        self._waiters: list[Deferred] = []
+        self._waiters: list[Deferred[Channel]] = []
 
     def attach(self, session: Session | None) -> None:
         """Use this connection from now on (None: disconnected)."""
@@ -35,7 +35,7 @@ class Publisher:
         if ch is not None and ch.is_open:
             return ch
         # One channel for every publish waiting on it, not one each.
-        waiting: Deferred = Deferred()
+        waiting: Deferred[Channel] = Deferred()
         self._waiters.append(waiting)
         if len(self._waiters) == 1:
             defer.ensureDeferred(self._open(session)).addBoth(self._opened)
@@ -48,7 +48,7 @@ class Publisher:
             self._channel = ch
         return ch
 
-    def _opened(self, result: Any) -> None:
+    def _opened(self, result: Channel | Failure) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if isinstance(result, Failure):
