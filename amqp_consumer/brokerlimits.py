@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import re
 from time import monotonic
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from amqp_consumer.config import Config
+from amqp_consumer.message import Message
 
 log = Logger(namespace="amqp_consumer.brokerlimits")
 
@@ -96,19 +98,27 @@ def warn_quorum_without_dead_letter(config: Config) -> None:
         )
 
 
+class Watched(Protocol):
+    """What the watch reads of an in-flight delivery; ``received`` is on the watch's ``now`` clock."""
+
+    label: str
+    received: float
+    message: Message
+    warned: bool
+
+
 class AckTimeoutWatch:
     """Warns once per delivery at 75 % of its queue's ack timeout, and reports the one nearest it.
 
-    ``deliveries()`` yields objects with ``label``, ``received`` (on the ``now``
-    clock), ``message`` and a writable ``warned``; ``limits`` maps queue labels
-    to seconds.
+    ``deliveries()`` yields the deliveries in flight; ``limits`` maps queue
+    labels to seconds.
     """
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         limits: dict[str, float],
-        deliveries: Callable[[], Iterable[Any]],
+        deliveries: Callable[[], Iterable[Watched]],
         now: Callable[[], float] = monotonic,
     ) -> None:
         self.limits = limits
@@ -132,7 +142,7 @@ class AckTimeoutWatch:
     def check(self) -> None:
         """One line per queue for the deliveries that newly passed 75 % of the limit, naming the oldest."""
         now = self._now()
-        crossed: dict[str, list[Any]] = {}
+        crossed: dict[str, list[Watched]] = {}
         for d in self._deliveries():
             if not d.warned and now - d.received >= WARN_AT * self.limit(d.label):
                 d.warned = True
@@ -155,7 +165,8 @@ class AckTimeoutWatch:
     def nearest(self) -> dict[str, Any] | None:
         """The in-flight delivery closest to its queue's ack timeout, for /status."""
         now = self._now()
-        best, best_used = None, -1.0
+        best: Watched | None = None
+        best_used = -1.0
         for d in self._deliveries():
             used = (now - d.received) / self.limit(d.label)
             if used > best_used:

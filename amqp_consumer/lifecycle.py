@@ -13,15 +13,17 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable
+from types import FrameType
+from typing import Callable
 
+from twisted.internet.interfaces import IReactorCore, IReactorFromThreads
 from twisted.logger import Logger
 
 log = Logger(namespace="amqp_consumer.lifecycle")
 
 
 class Lifecycle:
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IReactorCore) -> None:
         self._reactor = reactor
         self.exit_code = 0
         self._stopping = False
@@ -32,8 +34,9 @@ class Lifecycle:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum: int, _frame: Any) -> None:
-        self._reactor.callFromThread(self._stop_requested, signal.Signals(signum).name)
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Every reactor that handles signals runs code from other threads too.
+        IReactorFromThreads(self._reactor).callFromThread(self._stop_requested, signal.Signals(signum).name)
 
     def _stop_requested(self, name: str) -> None:
         if self._stopping:

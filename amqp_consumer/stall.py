@@ -11,7 +11,9 @@ received, so /ready turns 503 within two heartbeats of a partition.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
 class StallWatch:
@@ -21,13 +23,13 @@ class StallWatch:
     notes the time, so the reading path costs one clock read and no timer update.
     """
 
-    def __init__(self, clock: Any, limit: float, on_stall: Callable[[float], None]) -> None:
+    def __init__(self, clock: IReactorTime, limit: float, on_stall: Callable[[float], None]) -> None:
         self._clock = clock
         self.limit = limit
         self._on_stall = on_stall
         self.last = clock.seconds()
         self._confirming = False
-        self._call: Any = clock.callLater(limit, self._check)
+        self._call: IDelayedCall | None = clock.callLater(limit, self._check)
 
     def received(self) -> None:
         self.last = self._clock.seconds()
