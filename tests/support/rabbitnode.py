@@ -203,7 +203,7 @@ class RabbitNode:
     ``extra_config`` adds lines to ``rabbitmq.conf`` (e.g.
     ``{"consumer_timeout": "10000"}``).  ``cookie`` sets the Erlang cookie
     (nodes meant to form a cluster need the same one); by default each node
-    gets a random one.
+    gets a random one, kept in ``cookie``.
     """
 
     def __init__(
@@ -218,9 +218,7 @@ class RabbitNode:
     ) -> None:
         if not _NAME_RE.match(name):
             raise ValueError(f"invalid node name {name!r}: use letters, digits, '-' or '_'")
-        scripts = find_rabbitmq_scripts()
-        if scripts is None:
-            raise RabbitNodeError("RabbitMQ is not installed (no rabbitmq-server script found)")
+        scripts = self._find_scripts()
         self._server_script = scripts / "rabbitmq-server"
         self._ctl_script = scripts / "rabbitmqctl"
 
@@ -248,14 +246,38 @@ class RabbitNode:
         self.dir.mkdir(parents=True)
         self._mnesia_dir.mkdir()
         self._log_dir.mkdir()
+        self.cookie = cookie or "".join(secrets.choice(string.ascii_uppercase) for _ in range(20))
         cookie_file = self.dir / ".erlang.cookie"
-        cookie_file.write_text(cookie or "".join(secrets.choice(string.ascii_uppercase) for _ in range(20)))
+        cookie_file.write_text(self.cookie)
         cookie_file.chmod(0o400)  # Erlang refuses cookies readable by others
         (self.dir / "rabbitmq-env.conf").write_text("# private test node: ignore /etc/rabbitmq\n")
         plugins = ["rabbitmq_auth_mechanism_ssl"] if (tls is not None and verify_peer) else []
         (self.dir / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         self._write_config(extra_config or {})
         atexit.register(self.cleanup)
+
+    # -- where the node runs (overridden by nodes that run inside another root) --
+
+    def _find_scripts(self) -> Path:
+        scripts = find_rabbitmq_scripts()
+        if scripts is None:
+            raise RabbitNodeError("RabbitMQ is not installed (no rabbitmq-server script found)")
+        return scripts
+
+    def _node_path(self, path: Path) -> str:
+        """*path* (on this machine) as the node and rabbitmqctl see it."""
+        return str(path)
+
+    def _command(self, script: Path, *args: str) -> list[str]:
+        """The command line that runs one of RabbitMQ's scripts for this node."""
+        return [str(script), *args]
+
+    def _server_tls_files(self, tls: TLSFiles) -> tuple[Path, Path, Path]:
+        """The CA, certificate and key files the node reads (copies where it cannot see *tls*)."""
+        return tls.ca_cert, tls.server_cert, tls.server_key
+
+    def _base_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
 
     # -- addresses ---------------------------------------------------------
 
@@ -269,7 +291,7 @@ class RabbitNode:
         return f"amqps://guest:guest@{host}:{self.tls_port}/%2F"
 
     def __repr__(self) -> str:
-        return f"<RabbitNode {self.nodename} amqp={self.port} tls={self.tls_port}>"
+        return f"<{type(self).__name__} {self.nodename} amqp={self.port} tls={self.tls_port}>"
 
     # -- files and environment ---------------------------------------------
 
@@ -280,11 +302,12 @@ class RabbitNode:
             "log.console = false",
         ]
         if self.tls is not None:
+            ca_cert, server_cert, server_key = self._server_tls_files(self.tls)
             lines += [
                 f"listeners.ssl.default = {LOOPBACK}:{self.tls_port}",
-                f"ssl_options.cacertfile = {self.tls.ca_cert}",
-                f"ssl_options.certfile = {self.tls.server_cert}",
-                f"ssl_options.keyfile = {self.tls.server_key}",
+                f"ssl_options.cacertfile = {self._node_path(ca_cert)}",
+                f"ssl_options.certfile = {self._node_path(server_cert)}",
+                f"ssl_options.keyfile = {self._node_path(server_key)}",
             ]
             if self.verify_peer:
                 lines += [
@@ -304,24 +327,25 @@ class RabbitNode:
         (self.dir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        env = self._base_env()
+        at = self._node_path
         env.update(
-            HOME=str(self.dir),
+            HOME=at(self.dir),
             RABBITMQ_NODENAME=self.nodename,
             RABBITMQ_NODE_IP_ADDRESS=LOOPBACK,
             RABBITMQ_NODE_PORT=str(self.port),
             RABBITMQ_DIST_PORT=str(self.dist_port),
-            RABBITMQ_MNESIA_BASE=str(self._mnesia_dir),
-            RABBITMQ_LOG_BASE=str(self._log_dir),
-            RABBITMQ_CONFIG_FILE=str(self.dir / "rabbitmq"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(self.dir / "advanced.config"),
-            RABBITMQ_CONF_ENV_FILE=str(self.dir / "rabbitmq-env.conf"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.dir / "enabled_plugins"),
-            RABBITMQ_PID_FILE=str(self._pid_file),
+            RABBITMQ_MNESIA_BASE=at(self._mnesia_dir),
+            RABBITMQ_LOG_BASE=at(self._log_dir),
+            RABBITMQ_CONFIG_FILE=at(self.dir / "rabbitmq"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=at(self.dir / "advanced.config"),
+            RABBITMQ_CONF_ENV_FILE=at(self.dir / "rabbitmq-env.conf"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=at(self.dir / "enabled_plugins"),
+            RABBITMQ_PID_FILE=at(self._pid_file),
             # Erlang distribution on loopback only.
             RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}",
             ERL_EPMD_ADDRESS=LOOPBACK,
-            ERL_CRASH_DUMP=str(self._crash_dump),
+            ERL_CRASH_DUMP=at(self._crash_dump),
             ERL_CRASH_DUMP_BYTES="1000000",
         )
         return env
@@ -363,7 +387,7 @@ class RabbitNode:
         pairs = set(zip(cmdline, cmdline[1:], strict=False))
         if (b"-s", b"rabbit") not in pairs:
             return False
-        return (b"-home", os.fsencode(self.dir)) in pairs
+        return (b"-home", os.fsencode(self._node_path(self.dir))) in pairs
 
     def _beam_pids(self) -> list[int]:
         """Pids of live Erlang VMs belonging to this node."""
@@ -414,7 +438,7 @@ class RabbitNode:
 
         with self._startup_log.open("ab") as out:
             launcher = subprocess.run(
-                [str(self._server_script), "-detached"],
+                self._command(self._server_script, "-detached"),
                 env=self._env(),
                 cwd=self.dir,
                 stdin=subprocess.DEVNULL,
@@ -466,7 +490,7 @@ class RabbitNode:
         if self._pid is None:
             return
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self._pid), str(self.dir)],
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self._pid), self._node_path(self.dir)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -534,7 +558,10 @@ class RabbitNode:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
                 time.sleep(0.1)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove_files()
+
+    def _remove_files(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RabbitNode:
         return self
@@ -550,7 +577,7 @@ class RabbitNode:
         cwd = self.dir if self.dir.is_dir() else Path("/")
         try:
             result = subprocess.run(
-                [str(self._ctl_script), "-n", self.nodename, *args],
+                self._command(self._ctl_script, "-n", self.nodename, *args),
                 env=env,
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
@@ -579,6 +606,12 @@ class RabbitNode:
                 value = row.get("messages")
                 return int(value) if isinstance(value, (int, str)) and str(value).isdigit() else 0
         raise KeyError(f"no queue {queue!r} on {self.nodename}")
+
+    def consumers(self, queue: str | None = None) -> list[dict[str, object]]:
+        """``rabbitmqctl list_consumers`` as rows (queue_name, consumer_tag, ack_required, ...)."""
+        out = self.ctl("list_consumers", "-q", "--formatter", "json").stdout
+        rows: list[dict[str, object]] = json.loads(out or "[]")
+        return [r for r in rows if queue is None or r.get("queue_name") == queue]
 
     def delete_queue(self, queue: str) -> None:
         self.ctl("delete_queue", queue)
