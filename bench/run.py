@@ -145,8 +145,13 @@ def free_port() -> int:
 
 
 def project_python() -> Path:
+    """The project's ./.venv python, else the one running this script (a checkout without ./.venv)."""
     p = PROJECT_VENV / "bin" / "python"
     return p if p.exists() else Path(sys.executable)
+
+
+def project_twistd() -> Path:
+    return project_python().with_name("twistd")
 
 
 def ensure_bench_venv() -> str | None:
@@ -309,7 +314,7 @@ def launch(
         cfg = LOGS / f"{tag}.toml"
         cfg.write_text(ac_config(v, port))
         env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{BENCH}"
-        cmd = [str(PROJECT_VENV / "bin" / "twistd"), "-n", "--pidfile=", *twistd_args, "amqp-consumer", f"--config={cfg}"]
+        cmd = [str(project_twistd()), "-n", "--pidfile=", *twistd_args, "amqp-consumer", f"--config={cfg}"]
     elif v.kind == "pika":
         env["PYTHONPATH"] = str(BENCH)
         cmd = [str(project_python()), str(BENCH / "pika_consumer.py"), URL, QUEUE, str(PREFETCH)]
@@ -733,6 +738,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
     p.add_argument("--long-messages", type=int, help="messages in the memory run (default 500000; quick 10000)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/*.json")
     p.add_argument("--results", type=Path, help="folder for the JSON results and per-run logs (default bench/results)")
+    p.add_argument("--queue", default=QUEUE, help=f"the queue to fill and consume, emptied first (default {QUEUE})")
     p.add_argument("--prefetch", type=int, default=PREFETCH, help=f"prefetch of every variant (default {PREFETCH})")
     p.add_argument("--switch-interval", type=float,
                    help="experiment: sys.setswitchinterval() in every consumer process (default: Python's 0.005)")
@@ -760,9 +766,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Settings]:
 
 
 def main(argv: list[str]) -> int:
-    global PREFETCH, RESULTS, LOGS
+    global PREFETCH, QUEUE, RESULTS, LOGS
     args, s = parse_args(argv)
     PREFETCH = args.prefetch
+    QUEUE = args.queue
     if args.results:
         RESULTS = args.results.resolve()
         LOGS = RESULTS / "logs"

@@ -1,4 +1,5 @@
-"""The benchmark keeps working: a quick `bench/run.py` run against the broker on 5672.
+"""The benchmark keeps working: a quick `bench/run.py` run against the shared broker (3.10; the bench measures
+this daemon, not brokers), on a queue of its own so that concurrent test runs do not meet.
 
 The figures themselves are not asserted (speed is judged from a full `make bench`,
 never by timed assertions); what is checked is what a reader of the report relies
@@ -16,14 +17,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.broker
+pytestmark = [pytest.mark.broker, pytest.mark.single_broker]
 
 
-def test_quick_bench_reports_every_variant_and_writes_json(tmp_path):
+def test_quick_bench_reports_every_variant_and_writes_json(tmp_path, broker, queue):
     variants = ["ac-sync-w1", "ac-async", "pika-raw"]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--skip-long", "--only", ",".join(variants),
-         "--messages", "2000", "--latency-seconds", "0.5", "--results", str(tmp_path)],
+         "--messages", "2000", "--latency-seconds", "0.5", "--results", str(tmp_path), "--queue", queue],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
