@@ -1,22 +1,102 @@
-"""Shared fixtures. The broker is real: the one on 127.0.0.1:5672, or a private node for tests that stop one."""
+"""Shared fixtures. The broker is real: RabbitMQ 3.10 on 127.0.0.1:5672 and, where this machine can run it, a
+RabbitMQ 4.3 node of this run (tests/support/rabbit43.py); private nodes for tests that stop one.
+
+Every test that uses a broker (``broker``, ``queue``, ``private_node``, ``running_node``, ``rabbit_nodes``...) runs
+once per broker of the run, named ``[rabbitmq-3.10]`` / ``[rabbitmq-4.3]``, unless marked ``single_broker``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.support.broker import Broker, unique
+from tests.support import brokers, rabbit43
+from tests.support.broker import SHARED_URL, Broker, unique
+from tests.support.rabbitnode import RabbitNode, RabbitNodeError
+
+_PLAN = pytest.StashKey[brokers.BrokerPlan]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        config.stash[_PLAN] = brokers.plan()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return config.stash[_PLAN].header()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    if config.get_verbosity() < 0:  # -q hides the report header; the brokers line is still said
+        config.pluginmanager.getplugin("terminalreporter").write_line(config.stash[_PLAN].header())
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    terminalreporter.write_line(config.stash[_PLAN].header())
+
+
+def _say(config: pytest.Config, line: str) -> None:
+    """A line on the terminal even while output is captured (the one-minute root build)."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        config.pluginmanager.getplugin("terminalreporter").write_line(line)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "broker_version" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("single_broker"):
+        return
+    versions = metafunc.config.stash[_PLAN].versions
+    metafunc.parametrize("broker_version", versions, ids=[brokers.broker_id(v) for v in versions], scope="module")
+
+
+@pytest.fixture(scope="session")
+def broker_version() -> str:
+    """The broker version a test runs against (parametrised per test; this default serves single_broker tests)."""
+    return brokers.SHARED
+
+
+@pytest.fixture(scope="session")
+def rabbitmq43_root(pytestconfig: pytest.Config) -> Path:
+    """The Debian-testing root with RabbitMQ 4.3, built on first use (about a minute) unless .cache/ has it."""
+    plan = pytestconfig.stash[_PLAN]
+    problem = rabbit43.why_unavailable()
+    if problem is None:
+        try:
+            return rabbit43.build_root(say=lambda line: _say(pytestconfig, line))
+        except RabbitNodeError as e:
+            problem = str(e)
+    if plan.required:
+        pytest.fail(f"RabbitMQ 4.3 is required by {brokers.ENV} but cannot run here: {problem}", pytrace=False)
+    plan.notes.append(f"RabbitMQ 4.3 skipped: {problem.splitlines()[0]}")
+    pytest.skip(f"RabbitMQ 4.3 cannot run here: {problem}")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq43(rabbitmq43_root: Path) -> Iterator[RabbitNode]:
+    """This run's RabbitMQ 4.3 node: the counterpart of the shared 3.10 on 5672 (use unique names, never stop it)."""
+    node = rabbit43.Rabbit43Node("amqpc-broker", root=rabbitmq43_root)
+    node.start()
+    yield node
+    node.cleanup()
 
 
 @pytest.fixture
-def broker() -> Iterator[Broker]:
-    b = Broker()
+def broker(broker_version: str, request: pytest.FixtureRequest) -> Iterator[Broker]:
+    if broker_version == brokers.SHARED:
+        url = SHARED_URL
+    else:
+        url = request.getfixturevalue("rabbitmq43").url
+    b = Broker(url, version=broker_version)
     try:
         b.channel()
     except Exception as e:  # pragma: no cover - environment problem, say it plainly
-        pytest.fail(f"no RabbitMQ on 127.0.0.1:5672 ({e}); run `make test`, which starts one")
+        hint = "run `make test`, which starts one" if broker_version == brokers.SHARED else "see its node's log"
+        pytest.fail(f"no RabbitMQ {broker_version} at {b.redacted_url} ({e}); {hint}")
     yield b
     b.close()
 
@@ -33,20 +113,35 @@ def out_file(tmp_path: Path) -> Path:
     return tmp_path / "seen.jsonl"
 
 
-@pytest.fixture(scope="session")
-def private_node(tmp_path_factory: pytest.TempPathFactory):
-    """A private RabbitMQ node (own name, ports and data) that tests may stop, kill and restart.
-
-    Shared by the session to pay its start-up once; a test that stops it must leave it running.
-    """
-    from tests.support.rabbitnode import RabbitNode, rabbitmq_available
-
-    if not rabbitmq_available():
-        pytest.skip("RabbitMQ is not installed: cannot start a private node")
-    node = RabbitNode("amqpc-test", tmp_path_factory.mktemp("nodes"))
+def _private_node(version: str, base_dir: Path) -> Iterator[RabbitNode]:
+    node = brokers.make_node(version, "amqpc-test", base_dir)
     node.start()
     yield node
     node.cleanup()
+
+
+@pytest.fixture(scope="session")
+def private_node_3_10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    from tests.support.rabbitnode import rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed: cannot start a private node")
+    yield from _private_node("3.10", tmp_path_factory.mktemp("nodes"))
+
+
+@pytest.fixture(scope="session")
+def private_node_4_3(rabbitmq43_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    yield from _private_node("4.3", tmp_path_factory.mktemp("nodes"))
+
+
+@pytest.fixture
+def private_node(broker_version: str, request: pytest.FixtureRequest) -> RabbitNode:
+    """A private node of the test's broker version (own name, ports and data) that tests may stop, kill and restart.
+
+    Shared by the session to pay its start-up once; a test that stops it must leave it running.
+    """
+    node: RabbitNode = request.getfixturevalue("private_node_" + broker_version.replace(".", "_"))
+    return node
 
 
 @pytest.fixture
@@ -56,6 +151,29 @@ def running_node(private_node):
     yield private_node
     if not private_node.is_running():
         private_node.restart()
+
+
+@pytest.fixture
+def rabbit_nodes(broker_version: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., RabbitNode]]:
+    """Make private nodes of the test's broker version, cleaned up after it.
+
+    ``rabbit_nodes("name", extra_config={"consumer_timeout": "5000"}, cookie=shared, start=True)``: options as for
+    RabbitNode (tls, verify_peer, extra_config, cookie). Nodes meant to form a cluster take the same cookie.
+    """
+    if broker_version != brokers.SHARED:
+        request.getfixturevalue("rabbitmq43_root")
+    made: list[RabbitNode] = []
+
+    def make(name: str = "amqpc-node", *, start: bool = True, **options: Any) -> RabbitNode:
+        node = brokers.make_node(broker_version, name, tmp_path / "nodes", **options)
+        made.append(node)
+        if start:
+            node.start()
+        return node
+
+    yield make
+    for node in made:
+        node.cleanup()
 
 
 @pytest.fixture
@@ -81,10 +199,16 @@ async def until(reactor, predicate, timeout: float = 20.0, what: str = "conditio
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tag tests that need a broker, so packagers can run the rest (-m 'not broker and not broker_node')."""
+    """Tag tests that need a broker, so packagers can run the rest (-m 'not broker and not broker_node');
+    turn ``xfail_broker(version, reason=...)`` into a strict xfail of that broker's parametrisation."""
     for item in items:
+        callspec = getattr(item, "callspec", None)
+        version = callspec.params.get("broker_version") if callspec else None
+        for mark in item.iter_markers("xfail_broker"):
+            if mark.args[0] == version:
+                item.add_marker(pytest.mark.xfail(strict=True, reason=f"RabbitMQ {version}: {mark.kwargs['reason']}"))
         names = set(getattr(item, "fixturenames", ()))
-        if names & {"broker", "queue", "private_node", "running_node", "tls_node"}:
+        if names & {"broker", "queue", "private_node", "running_node", "tls_node", "broker_version"}:
             item.add_marker("broker")
         elif item.module.__name__ in ("tests.test_consume", "tests.test_recovery", "tests.test_tls"):
             item.add_marker("broker")

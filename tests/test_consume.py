@@ -11,9 +11,10 @@ from tests.support.broker import Broker, read_rows, unique
 from tests.support.daemonproc import DaemonProcess, daemon_config, env_for, wait_until
 
 
-def config(queue: str, callback: str, *, workers: int = 1, prefetch: int = 100, drain: float = 30.0,
+def config(broker: Broker, queue: str, callback: str, *, workers: int = 1, prefetch: int = 100, drain: float = 30.0,
            queue_args: str = "{}", extra: str = "") -> str:
-    return daemon_config(queue, callback, workers=workers, prefetch=prefetch, drain=drain, queue_args=queue_args, extra=extra)
+    return daemon_config(queue, callback, url=broker.url, workers=workers, prefetch=prefetch, drain=drain,
+                         queue_args=queue_args, extra=extra)
 
 
 def start(tmp_path: Path, text: str, out_file: Path, args: list[str] | None = None) -> DaemonProcess:
@@ -27,7 +28,7 @@ def start(tmp_path: Path, text: str, out_file: Path, args: list[str] | None = No
 def test_every_message_processed_once_and_sigterm_exits_0(tmp_path, broker: Broker, queue, out_file, daemons):
     broker.declare(queue)
     ids = broker.publish_json(queue, [{"n": i} for i in range(300)])
-    d = start(tmp_path, config(queue, "testcb:record"), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:record"), out_file)
     daemons.append(d)
     wait_until(lambda: len(read_rows(out_file)) >= 300, 30, what="300 messages processed")
     wait_until(lambda: broker.counts(queue) == (0, 1), 10, what="queue empty")
@@ -42,7 +43,7 @@ def test_every_message_processed_once_and_sigterm_exits_0(tmp_path, broker: Brok
 def test_workers_1_keeps_order(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     broker.publish_json(queue, [{"n": i} for i in range(500)])
-    d = start(tmp_path, config(queue, "testcb:record", workers=1), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:record", workers=1), out_file)
     daemons.append(d)
     wait_until(lambda: len(read_rows(out_file)) >= 500, 30, what="500 processed")
     assert [r["body"]["n"] for r in read_rows(out_file)] == list(range(500))
@@ -52,7 +53,7 @@ def test_workers_1_keeps_order(tmp_path, broker, queue, out_file, daemons):
 def test_workers_4_run_four_at_once(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     broker.publish_json(queue, [{"sleep": 1.0, "n": i} for i in range(4)])
-    d = start(tmp_path, config(queue, "testcb:slow", workers=4), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:slow", workers=4), out_file)
     daemons.append(d)
     wait_until(lambda: len([r for r in read_rows(out_file) if r.get("event") == "end"]) == 4, 20, what="4 slow callbacks")
     rows = read_rows(out_file)
@@ -67,7 +68,7 @@ def test_workers_4_run_four_at_once(tmp_path, broker, queue, out_file, daemons):
 def test_async_callbacks_run_on_the_reactor(tmp_path, broker, queue, out_file, daemons, callback, kind):
     broker.declare(queue)
     ids = broker.publish_json(queue, [{"n": i} for i in range(50)])
-    d = start(tmp_path, config(queue, callback), out_file)
+    d = start(tmp_path, config(broker, queue, callback), out_file)
     daemons.append(d)
     wait_until(lambda: len(read_rows(out_file)) >= 50, 20, what="50 async messages")
     rows = read_rows(out_file)
@@ -81,7 +82,7 @@ def test_async_callbacks_run_on_the_reactor(tmp_path, broker, queue, out_file, d
 def test_asyncio_callback_under_the_asyncio_reactor(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     ids = broker.publish_json(queue, [{"n": i} for i in range(20)])
-    d = DaemonProcess(tmp_path / "d", config(queue, "testcb:asyncio_record"), env=env_for(TEST_OUT=str(out_file)))
+    d = DaemonProcess(tmp_path / "d", config(broker, queue, "testcb:asyncio_record"), env=env_for(TEST_OUT=str(out_file)))
     d.command = lambda: [  # type: ignore[method-assign]
         *DaemonProcess.command(d)[:1], "-r", "asyncio", *DaemonProcess.command(d)[1:]
     ]
@@ -96,7 +97,7 @@ def test_asyncio_callback_under_the_asyncio_reactor(tmp_path, broker, queue, out
 def test_class_callback_gets_consumer_config(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     broker.publish_json(queue, [{"n": 1}])
-    text = config(queue, "testcb:Configured") + '\n[consumer.config]\nprefix = "hello"\n'
+    text = config(broker, queue, "testcb:Configured") + '\n[consumer.config]\nprefix = "hello"\n'
     text = text.replace("[health]", "[health]")  # keep [consumer.config] after [consumer]
     d = start(tmp_path, text, out_file)
     daemons.append(d)
@@ -111,7 +112,7 @@ def test_outcomes_nack_drop_and_ack(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue, arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq})
     broker.publish_json(queue, [{"do": "ack"}, {"do": "nack-once"}, {"do": "drop"}])
     args = f'{{"x-dead-letter-exchange" = "", "x-dead-letter-routing-key" = "{dlq}"}}'
-    d = start(tmp_path, config(queue, "testcb:outcomes", queue_args=args), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:outcomes", queue_args=args), out_file)
     daemons.append(d)
     wait_until(lambda: len(read_rows(out_file)) >= 4, 20, what="4 callback runs (nack-once runs twice)")
     wait_until(lambda: broker.depth(queue) == 0, 10, what="queue empty")
@@ -127,7 +128,7 @@ def test_outcomes_nack_drop_and_ack(tmp_path, broker, queue, out_file, daemons):
 def test_unexpected_exception_quarantines_and_keeps_consuming(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     ids = broker.publish_json(queue, [{"do": "raise", "what": "poison"}, {"do": "ack"}, {"do": "ack"}])
-    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:outcomes"), out_file)
     daemons.append(d)
     wait_until(lambda: len(read_rows(out_file)) >= 3, 20, what="3 messages")
     wait_until(lambda: broker.depth(queue + ".quarantine") == 1, 10, what="one quarantined message")
@@ -149,7 +150,7 @@ def test_undecodable_json_goes_to_quarantine(tmp_path, broker, queue, out_file, 
     broker.declare(queue)
     broker.publish_raw(queue, b'{"broken": ', content_type="application/json", message_id="bad-json")
     broker.publish_json(queue, [{"do": "ack"}])
-    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:outcomes"), out_file)
     daemons.append(d)
     wait_until(lambda: broker.depth(queue + ".quarantine") == 1, 20, what="quarantined body")
     wait_until(lambda: len(read_rows(out_file)) == 1, 10, what="the good message processed")
@@ -164,7 +165,7 @@ def test_undecodable_json_goes_to_quarantine(tmp_path, broker, queue, out_file, 
 def test_halt_consumer_exits_with_its_code(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     broker.publish_json(queue, [{"do": "ack"}, {"do": "halt", "code": 3}, {"do": "ack"}, {"do": "ack"}])
-    d = start(tmp_path, config(queue, "testcb:outcomes", workers=1), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:outcomes", workers=1), out_file)
     daemons.append(d)
     assert d.wait(30) == 3
     rows = read_rows(out_file)
@@ -176,7 +177,7 @@ def test_halt_consumer_exits_with_its_code(tmp_path, broker, queue, out_file, da
 def test_halt_consumer_with_requeue(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     broker.publish_json(queue, [{"do": "halt", "code": 0, "requeue": True}])
-    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:outcomes"), out_file)
     daemons.append(d)
     assert d.wait(30) == 0
     assert broker.depth(queue) == 1
@@ -185,7 +186,7 @@ def test_halt_consumer_with_requeue(tmp_path, broker, queue, out_file, daemons):
 def test_sigterm_drains_in_flight_and_returns_prefetched(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     broker.publish_json(queue, [{"sleep": 2.0, "n": i} for i in range(5)])
-    d = start(tmp_path, config(queue, "testcb:slow", workers=1, prefetch=10), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:slow", workers=1, prefetch=10), out_file)
     daemons.append(d)
     wait_until(lambda: read_rows(out_file), 20, what="the first slow callback started")
     d.send_signal(signal.SIGTERM)
@@ -198,7 +199,7 @@ def test_sigterm_drains_in_flight_and_returns_prefetched(tmp_path, broker, queue
 def test_second_sigterm_skips_the_drain(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     broker.publish_json(queue, [{"sleep": 60, "n": 0}])
-    d = start(tmp_path, config(queue, "testcb:slow", drain=120), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:slow", drain=120), out_file)
     daemons.append(d)
     wait_until(lambda: read_rows(out_file), 20, what="slow callback started")
     d.send_signal(signal.SIGTERM)
@@ -211,7 +212,7 @@ def test_second_sigterm_skips_the_drain(tmp_path, broker, queue, out_file, daemo
 def test_many_failures_at_once_all_reach_quarantine(tmp_path, broker, queue, out_file, daemons):
     broker.declare(queue)
     poison = broker.publish_json(queue, [{"do": "raise", "what": i} for i in range(40)])
-    d = start(tmp_path, config(queue, "testcb:outcomes"), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:outcomes"), out_file)
     daemons.append(d)
     wait_until(lambda: broker.depth(queue + ".quarantine") == 40, 30, what="40 quarantined")
     wait_until(lambda: broker.depth(queue) == 0, 10, what="originals acked")
@@ -226,15 +227,15 @@ def test_urls_are_tried_in_order_the_next_on_failure(tmp_path, broker, queue, ou
     s.bind(("127.0.0.1", 0))
     dead = s.getsockname()[1]
     s.close()  # nothing listens there now
-    text = config(queue, "testcb:record").replace(
-        'urls = ["amqp://guest:guest@127.0.0.1:5672/%2F"]',
-        f'urls = ["amqp://guest:secret1@127.0.0.1:{dead}/%2F", "amqp://guest:guest@127.0.0.1:5672/%2F"]',
+    text = config(broker, queue, "testcb:record").replace(
+        f'urls = ["{broker.url}"]',
+        f'urls = ["amqp://guest:secret1@127.0.0.1:{dead}/%2F", "{broker.url}"]',
     )
     broker.declare(queue)
     d = start(tmp_path, text, out_file)
     daemons.append(d)
     assert f"cannot connect to amqp://guest:***@127.0.0.1:{dead}/%2F" in d.output
-    assert "connected to amqp://guest:***@127.0.0.1:5672/%2F" in d.output
+    assert f"connected to {broker.redacted_url}" in d.output
     assert "secret1" not in d.output
     assert d.stop() == 0
 
@@ -270,7 +271,7 @@ def test_the_message_carries_every_property(tmp_path, broker, queue, out_file, d
         ),
     )
     broker.publish_raw(queue, b"\x00\x01binary", content_type="application/octet-stream", message_id="m-2")
-    d = start(tmp_path, config(queue, "testcb:record_properties", queue_args='{"x-max-priority" = 5}'), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:record_properties", queue_args='{"x-max-priority" = 5}'), out_file)
     daemons.append(d)
     wait_until(lambda: len(read_rows(out_file)) == 2, 20, what="two messages")
     first, second = read_rows(out_file)

@@ -232,8 +232,8 @@ def daemon_config(url: str, queue: str, callback: str = "opscb:ack", extra: str 
 
 
 @pytest.fixture
-def proxy() -> Iterator[TCPProxy]:
-    with TCPProxy(5672) as p:
+def proxy(broker: Broker) -> Iterator[TCPProxy]:
+    with TCPProxy(broker.port) as p:
         yield p
 
 

@@ -133,7 +133,10 @@ def test_handshake_noise_from_legacy_log_err_is_one_warning(stdlib_logging) -> N
 # --- the daemon ------------------------------------------------------------------------------------
 
 
-def config(queue: str, callback: str = "opscb:ack", url: str = "amqp://guest:guest@127.0.0.1:5672/%2F", extra: str = "") -> str:
+NO_BROKER = "amqp://guest:guest@127.0.0.1:1/%2F"  # for daemons that stop before connecting
+
+
+def config(queue: str, callback: str = "opscb:ack", *, url: str, extra: str = "") -> str:
     return daemon_config(queue, callback, url=url, health=HEALTH_ANYWHERE, extra=extra)
 
 
@@ -145,9 +148,10 @@ def start(tmp_path: Path, text: str, daemons: list[DaemonProcess]) -> DaemonProc
     return d
 
 
+@pytest.mark.single_broker  # the log format
 def test_text_logs_on_stdout_nothing_per_message_and_sigterm_exits_0(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
     broker.declare(queue)
-    d = start(tmp_path, config(queue), daemons)
+    d = start(tmp_path, config(queue, url=broker.url), daemons)
     port = health_port(d)
     d.wait_for_log("consuming from")
     before = len(d.output.splitlines())
@@ -176,18 +180,20 @@ def consume_then_sigterm(command: list[str], d: DaemonProcess, out: Path, err: P
             proc.wait(10)
 
 
+@pytest.mark.single_broker  # where logs go
 def test_logs_go_to_stdout_and_nothing_to_stderr(tmp_path: Path, broker: Broker, queue: str) -> None:
     broker.declare(queue)
-    d = DaemonProcess(tmp_path / "d", config(queue).replace(HEALTH_ANYWHERE, ""))
+    d = DaemonProcess(tmp_path / "d", config(queue, url=broker.url).replace(HEALTH_ANYWHERE, ""))
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     assert consume_then_sigterm(d.command(), d, out, err) == 0
     assert err.read_text() == ""
     assert "INFO amqp_consumer.lifecycle: SIGTERM received" in out.read_text()
 
 
+@pytest.mark.single_broker  # the JSON log format; quarantine itself runs on every broker in test_consume.py
 def test_json_logs_with_the_message_id_of_a_quarantined_message(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
     broker.declare(queue)
-    d = start(tmp_path, config(queue, "opscb:explode", extra='[logging]\nformat = "json"\n'), daemons)
+    d = start(tmp_path, config(queue, "opscb:explode", url=broker.url, extra='[logging]\nformat = "json"\n'), daemons)
     d.wait_for_log("consuming from")
     broker.publish_raw(queue, b"bad", message_id="poison-1")
     d.wait_for_log("poison-1")
@@ -203,21 +209,21 @@ def test_json_logs_with_the_message_id_of_a_quarantined_message(tmp_path: Path, 
 
 def test_halt_consumer_exits_with_its_code(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
     broker.declare(queue)
-    d = start(tmp_path, config(queue, "opscb:halt"), daemons)
+    d = start(tmp_path, config(queue, "opscb:halt", url=broker.url), daemons)
     d.wait_for_log("consuming from")
     broker.publish_raw(queue, b"5")
     assert d.wait(20) == 5
 
 
 def test_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
-    result = run_check(config("q", extra='[logging]\nformat = "xml"\n'), tmp_path)
+    result = run_check(config("q", url=NO_BROKER, extra='[logging]\nformat = "xml"\n'), tmp_path)
     assert result.returncode == exitcodes.CONFIG == 78
     assert result.stdout == ""
     assert re.fullmatch(r"amqp-consumer: config error: \S+daemon\.toml: logging\.format: expected one of 'text', 'json'.*\n", result.stderr)
 
 
 def test_callback_constructor_failure_exits_70_with_one_line(tmp_path: Path) -> None:
-    result = run_check(config("q", "opscb:BrokenInit"), tmp_path)
+    result = run_check(config("q", "opscb:BrokenInit", url=NO_BROKER), tmp_path)
     assert result.returncode == exitcodes.SOFTWARE == 70
     assert result.stderr.strip().splitlines() == [
         "amqp-consumer: the callback could not start: opscb.BrokenInit() raised RuntimeError: the database is unreachable"
@@ -227,7 +233,7 @@ def test_callback_constructor_failure_exits_70_with_one_line(tmp_path: Path) -> 
 def test_callback_module_that_exits_on_import_exits_70_with_one_line(tmp_path: Path) -> None:
     """sys.exit(0) at a callback module's top level must not pass for a clean start and stop."""
     for args in ([], ["--check"]):
-        result = run_check(config("q", "exitsonimport:fn"), tmp_path, args)
+        result = run_check(config("q", "exitsonimport:fn", url=NO_BROKER), tmp_path, args)
         assert result.returncode == exitcodes.SOFTWARE == 70, result.stdout + result.stderr
         assert result.stdout == ""
         assert result.stderr.splitlines() == [
@@ -235,11 +241,12 @@ def test_callback_module_that_exits_on_import_exits_70_with_one_line(tmp_path: P
         ]
 
 
+@pytest.mark.single_broker  # the runner and the log format
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_twist_runner_writes_the_documented_lines_to_a_file(tmp_path: Path, broker: Broker, queue: str, fmt: str) -> None:
     """`twist amqp-consumer` behaves like `twistd -n`: [logging] applies, also with output to a file."""
     broker.declare(queue)
-    d = DaemonProcess(tmp_path / "d", config(queue, extra=f'[logging]\nformat = "{fmt}"\nlevel = "debug"\npika_level = "debug"\n'))
+    d = DaemonProcess(tmp_path / "d", config(queue, url=broker.url, extra=f'[logging]\nformat = "{fmt}"\nlevel = "debug"\npika_level = "debug"\n'))
     twist = str(Path(TWISTD).with_name("twist"))
     out = tmp_path / "stdout"
     assert consume_then_sigterm([twist, "amqp-consumer", f"--config={d.config_path}"], d, out) == 0
@@ -257,8 +264,8 @@ def test_twist_runner_writes_the_documented_lines_to_a_file(tmp_path: Path, brok
     assert "guest:guest" not in out.read_text()
 
 
-def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, queue: str, daemons) -> None:
-    d = start(tmp_path, config(queue, url=f"amqp://guest:{PASSWORD}@127.0.0.1:5672/%2F"), daemons)
+def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+    d = start(tmp_path, config(queue, url=broker.url.replace("guest:guest@", f"guest:{PASSWORD}@")), daemons)
     status = d.wait(8)  # it takes well under a second
     out = d.output
     assert status == exitcodes.NOPERM == 77, out

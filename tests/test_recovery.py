@@ -101,7 +101,7 @@ callback = "testcb:record"
 [health]
 listen = ""
 """
-    with TCPProxy(5672) as proxy:
+    with TCPProxy(broker.port) as proxy:
         d = DaemonProcess(tmp_path / "d", text.replace("{port}", str(proxy.port)), env=env_for(TEST_OUT=str(out_file)))
         d.start()
         daemons.append(d)
@@ -141,7 +141,7 @@ def test_stalled_connection_is_detected_by_heartbeat_and_replaced(tmp_path: Path
     from tests.support.tcpproxy import TCPProxy
 
     broker.declare(queue)
-    with TCPProxy(5672) as proxy:
+    with TCPProxy(broker.port) as proxy:
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
         d = DaemonProcess(tmp_path / "d", cfg(url, queue, heartbeat=1), env=env_for(TEST_OUT=str(out_file)))
         d.start()

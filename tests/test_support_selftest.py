@@ -1,8 +1,9 @@
-"""Self-test of the test helpers: private RabbitMQ nodes and the TCP proxy."""
+"""Self-test of the test helpers: private RabbitMQ nodes (3.10 on the host, 4.3 in its root) and the TCP proxy."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 import ssl
@@ -15,13 +16,13 @@ import pika.credentials
 import pika.exceptions
 import pytest
 
+from tests.support import rabbit43
+from tests.support.brokers import SHARED, make_node
+from tests.support.broker import Broker
 from tests.support.rabbitnode import RabbitNode, TLSFiles, make_tls_files, rabbitmq_available
 from tests.support.tcpproxy import TCPProxy
 
-pytestmark = [
-    pytest.mark.broker_node,
-    pytest.mark.skipif(not rabbitmq_available(), reason="RabbitMQ is not installed"),
-]
+pytestmark = [pytest.mark.broker_node]
 
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
 
@@ -54,9 +55,18 @@ def _round_trip(connection: pika.BlockingConnection, body: bytes) -> None:
     channel.close()
 
 
+def _node(version: str, name: str, request: pytest.FixtureRequest, base: Path, **options) -> RabbitNode:
+    if version == SHARED and not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed")
+    if version != SHARED:
+        request.getfixturevalue("rabbitmq43_root")
+    return make_node(version, name, base, **options)
+
+
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    rabbit = RabbitNode("selftest", tmp_path_factory.mktemp("rabbitnode"))
+def node(tmp_path_factory: pytest.TempPathFactory, broker_version: str, request: pytest.FixtureRequest) -> Iterator[RabbitNode]:
+    rabbit = _node(broker_version, "selftest", request, tmp_path_factory.mktemp("rabbitnode"),
+                   extra_config={"consumer_timeout": "3600000"})
     try:
         rabbit.start()
         yield rabbit
@@ -70,7 +80,16 @@ def proxy(node: RabbitNode) -> Iterator[TCPProxy]:
         yield tcp_proxy
 
 
-def test_node_identity(node: RabbitNode) -> None:
+def _server_version(url: str) -> str:
+    connection = _connect(url)
+    try:
+        version: bytes | str = connection._impl.server_properties["version"]
+    finally:
+        connection.close()
+    return version.decode() if isinstance(version, bytes) else version
+
+
+def test_node_identity(node: RabbitNode, broker_version: str) -> None:
     assert node.nodename == f"{node.name}@localhost"
     assert node.name.startswith("selftest-")
     assert node.url == f"amqp://guest:guest@127.0.0.1:{node.port}/%2F"
@@ -78,14 +97,46 @@ def test_node_identity(node: RabbitNode) -> None:
     assert node.is_running()
     assert node.port != 5672
     assert "selftest" in node.ctl("status").stdout
+    assert _server_version(node.url).startswith(broker_version + ".")
+    # extra_config lines reach rabbitmq.conf
+    assert node.ctl("eval", "application:get_env(rabbit, consumer_timeout).").stdout.strip() == "{ok,3600000}"
+
+
+def test_broker_fixture_is_the_broker_its_id_names(broker: Broker, broker_version: str) -> None:
+    assert broker.version == broker_version
+    assert _server_version(broker.url).startswith(broker_version + ".")
+
+
+def test_4_3_node_runs_in_its_root_and_mounts_nothing_the_host_sees(node: RabbitNode, broker_version: str) -> None:
+    if broker_version == SHARED:
+        pytest.skip("about nodes in the RabbitMQ 4.3 root")
+    assert isinstance(node, rabbit43.Rabbit43Node)
+    assert node.dir.parent == node.root / rabbit43.NODES
+    [pid] = node._beam_pids()
+    assert Path(f"/proc/{pid}/root").resolve() == node.root
+    # /proc is mounted in the node's own mount namespace, never in ours.
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert rabbit43._mount_points_under(node.dir) == []
 
 
 def test_publish_and_consume(node: RabbitNode) -> None:
     connection = _connect(node.url)
     try:
         _round_trip(connection, b"direct")
+        channel = connection.channel()
+        queue = channel.queue_declare(_queue_name(), exclusive=True).method.queue
+        tag = channel.basic_consume(queue, lambda *args: None)
+        [consumer] = node.consumers(queue)
+        assert consumer["consumer_tag"] == tag
+        assert node.consumers(_queue_name()) == []
     finally:
         connection.close()
+
+
+def test_nodes_with_the_same_cookie_reach_each_other(node: RabbitNode, rabbit_nodes) -> None:
+    """What a cluster needs: a peer started with the node's cookie answers its ping (each node has its own by default)."""
+    peer = rabbit_nodes("selftest-peer", cookie=node.cookie)
+    assert node.ctl("eval", f"net_adm:ping('{peer.nodename}').").stdout.strip() == "pong"
 
 
 def test_queue_depth_counts_unacked(node: RabbitNode) -> None:
@@ -120,6 +171,7 @@ def test_close_all_connections(node: RabbitNode) -> None:
     assert info.value.reply_code == 320
 
 
+@pytest.mark.single_broker  # the proxy's behaviour
 def test_proxy_forwards_and_cuts(node: RabbitNode, proxy: TCPProxy) -> None:
     connection = _connect(f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F")
     _round_trip(connection, b"through the proxy")
@@ -131,6 +183,7 @@ def test_proxy_forwards_and_cuts(node: RabbitNode, proxy: TCPProxy) -> None:
     assert not connection.is_open
 
 
+@pytest.mark.single_broker
 def test_proxy_stall_resume_refuse(node: RabbitNode, proxy: TCPProxy) -> None:
     proxy.stall()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
@@ -214,8 +267,11 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
 
 
 @pytest.fixture(scope="module")
-def tls_node(tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles) -> Iterator[RabbitNode]:
-    rabbit = RabbitNode("selftest-tls", tmp_path_factory.mktemp("rabbitnode-tls"), tls=tls_files, verify_peer=True)
+def tls_node(
+    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles, broker_version: str, request: pytest.FixtureRequest
+) -> Iterator[RabbitNode]:
+    rabbit = _node(broker_version, "selftest-tls", request, tmp_path_factory.mktemp("rabbitnode-tls"),
+                   tls=tls_files, verify_peer=True)
     try:
         rabbit.start()
         yield rabbit

@@ -13,16 +13,19 @@ pytestmark = pytest.mark.broker_node
 
 
 @pytest.fixture(scope="module")
-def tls_node(tmp_path_factory):
-    from tests.support.rabbitnode import RabbitNode, make_tls_files, rabbitmq_available
+def tls_node(tmp_path_factory, broker_version, request):
+    from tests.support.brokers import SHARED, make_node
+    from tests.support.rabbitnode import make_tls_files, rabbitmq_available
 
-    if not rabbitmq_available():
+    if broker_version == SHARED and not rabbitmq_available():
         pytest.skip("RabbitMQ is not installed")
+    if broker_version != SHARED:
+        request.getfixturevalue("rabbitmq43_root")
     base = tmp_path_factory.mktemp("tls")
     # The server certificate names broker.test and 127.0.0.1, not localhost: connecting
     # through "localhost" is the hostname-mismatch case.
     files = make_tls_files(base / "pki", hostname="broker.test")
-    node = RabbitNode("amqpc-tls", base, tls=files, verify_peer=True)
+    node = make_node(broker_version, "amqpc-tls", base, tls=files, verify_peer=True)
     node.start()
     yield node
     node.cleanup()

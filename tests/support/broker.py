@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 import pika
 
@@ -16,11 +17,27 @@ def unique(prefix: str = "t") -> str:
 
 
 class Broker:
-    def __init__(self, url: str = SHARED_URL) -> None:
+    """A test-side client of one broker; ``version`` says which (``3.10`` is the shared one on 5672)."""
+
+    def __init__(self, url: str = SHARED_URL, version: str = "3.10") -> None:
         self.url = url
+        self.version = version
         self._conn: pika.BlockingConnection | None = None
         self._ch: Any = None
         self.created: set[str] = set()
+
+    @property
+    def port(self) -> int:
+        """The broker's AMQP port (for a TCPProxy in front of it)."""
+        port = urlsplit(self.url).port
+        assert port is not None, self.url
+        return port
+
+    @property
+    def redacted_url(self) -> str:
+        """The URL as the daemon logs it: ``amqp://guest:***@127.0.0.1:PORT/%2F``."""
+        parts = urlsplit(self.url)
+        return self.url.replace(f"{parts.username}:{parts.password}@", f"{parts.username}:***@", 1)
 
     def channel(self) -> Any:
         if self._ch is None or not self._ch.is_open:

@@ -129,7 +129,7 @@ def daemon_config(
     queue: str,
     callback: str = "testcb:record",
     *,
-    url: str = "amqp://guest:guest@127.0.0.1:5672/%2F",
+    url: str,
     heartbeat: int = 10,
     reconnect: tuple[float, float] = (0.2, 1.0),
     workers: int = 1,
@@ -140,7 +140,11 @@ def daemon_config(
     amqp_extra: str = "",
     extra: str = "",
 ) -> str:
-    """A config with one queue, fast reconnects and health off unless asked; `extra` is appended."""
+    """A config with one queue, fast reconnects and health off unless asked; `extra` is appended.
+
+    `url` is the broker fixture's (or a node's or a proxy's) URL: never the shared broker's by default, so a test
+    parametrised over brokers talks to the one its id names.
+    """
     return f"""
 [amqp]
 urls = ["{url}"]

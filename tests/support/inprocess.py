@@ -7,15 +7,14 @@ from pathlib import Path
 from amqp_consumer.config import Config, load
 
 
-def inprocess_config(tmp_path: Path, queue: str, url: str | None = None, arguments: str = "{}") -> Config:
-    """One queue (with these TOML arguments) on the broker at url (default: the one on 5672),
+def inprocess_config(tmp_path: Path, queue: str, url: str, arguments: str = "{}") -> Config:
+    """One queue (with these TOML arguments) on the broker at `url` (the broker fixture's or a node's),
     quick reconnects, no health listener."""
     p = tmp_path / "c.toml"
-    urls = f'urls = ["{url}"]' if url else ""
     p.write_text(
         f"""
 [amqp]
-{urls}
+urls = ["{url}"]
 reconnect_min_delay = 0.1
 reconnect_max_delay = 1.0
 [[queues]]
