@@ -17,7 +17,8 @@ def broker_log(node) -> str:
 
 def abrupt_closes(log: str, connection_name: str) -> list[str]:
     """The broker's "unexpectedly closed" lines for the connection with this client-provided name."""
-    pids = set(re.findall(rf"connection (<[0-9.]+>) .*has a client-provided name: {re.escape(connection_name)}\s*$", log, re.M))
+    # The Erlang pid that prefixes the line: 3.10 repeats it after "connection", 4.3 gives the addresses there.
+    pids = set(re.findall(rf"(<[0-9.]+>) connection .*has a client-provided name: {re.escape(connection_name)}\s*$", log, re.M))
     assert pids, f"the broker never saw connection {connection_name!r}"
     lines = log.splitlines()
     out = []

@@ -114,7 +114,7 @@ def test_single_active_consumer_standby_takes_over_when_the_active_daemon_dies(t
     sac = '{"x-single-active-consumer" = true}'
     outs = [tmp_path / f"out{i}.jsonl" for i in (0, 1)]
     ds = [
-        DaemonProcess(tmp_path / f"d{i}", daemon_config(queue, queue_args=sac, health=HEALTH_ANYWHERE, prefetch=10), env=env_for(TEST_OUT=str(outs[i])))
+        DaemonProcess(tmp_path / f"d{i}", daemon_config(queue, url=broker.url, queue_args=sac, health=HEALTH_ANYWHERE, prefetch=10), env=env_for(TEST_OUT=str(outs[i])))
         for i in (0, 1)
     ]
     broker.created.add(queue)

@@ -54,7 +54,7 @@ def test_a_stopped_watch_never_fires():
 def test_ready_turns_503_within_two_heartbeats_of_a_stall(tmp_path: Path, broker: Broker, queue: str, daemons):
     heartbeat = 2  # pika alone notices after 7 to 14 s (its check runs every heartbeat + 5 s)
     broker.declare(queue)
-    with TCPProxy(5672) as proxy:
+    with TCPProxy(broker.port) as proxy:
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/%2F"
         d = DaemonProcess(tmp_path / "d", daemon_config(queue, url=url, heartbeat=heartbeat, health=HEALTH_ANYWHERE))
         d.start()
