@@ -1,14 +1,13 @@
-"""Deliveries in, outcomes out: the consumer's state machine, in-flight registry and ack batching.
+"""The consumer: lifecycle and drain, channels and recovery.
 
-Every ack, nack and reject is sent from here, on the reactor thread, on the
-channel the delivery came from. A delivery whose channel has closed is never
-acked: the broker has already put it back in its queue.
+A message's path from socket to ack is told in pipeline.py; what the broker
+hears about each delivery is decided in inflight.py (the Settler).
 """
 
 from __future__ import annotations
 
-from time import monotonic, time
-from typing import Any, Callable, Iterator, Sequence
+from time import monotonic
+from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -35,9 +34,11 @@ from amqp_consumer.connection import (
     Connector,
     Session,
 )
-from amqp_consumer.dispatch import NOT_RUN, Dispatcher
+from amqp_consumer.dispatch import Dispatcher
+from amqp_consumer.inflight import InFlight, Settler
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
+from amqp_consumer.pipeline import Pipeline
 from amqp_consumer.publisher import Publisher
 from amqp_consumer.quarantine import Quarantine
 from amqp_consumer.state import State
@@ -70,88 +71,6 @@ def single_active_queues(config: Config) -> list[str]:
     ]
 
 
-class Delivery:
-    __slots__ = (
-        "channel", "tag", "message", "label", "received", "started", "finished", "withdrawn", "taken_back", "warned",
-    )
-
-    def __init__(self, channel: Channel, tag: int, message: Message, label: str) -> None:
-        self.channel = channel
-        self.tag = tag
-        self.message = message
-        self.label = label
-        self.received = monotonic()
-        self.started: float | None = None
-        self.finished: float | None = None
-        self.withdrawn = False  # taken from the dispatcher before it started (see Dispatcher.withdraw)
-        self.taken_back = False  # the broker returned it to its queue (ack timeout): its result is not sent
-        self.warned = False  # the 75 % ack-timeout warning covered it
-
-
-class InFlight:
-    """Deliveries received and not yet settled, per channel, in delivery-tag order."""
-
-    def __init__(self) -> None:
-        self._by_channel: dict[Channel, dict[int, Delivery]] = {}
-
-    def add(self, d: Delivery) -> None:
-        by_tag = self._by_channel.get(d.channel)
-        if by_tag is None:
-            by_tag = self._by_channel[d.channel] = {}
-        by_tag[d.tag] = d
-
-    def remove(self, d: Delivery) -> bool:
-        by_tag = self._by_channel.get(d.channel)
-        return by_tag is not None and by_tag.pop(d.tag, None) is not None
-
-    def drop_channel(self, channel: Channel) -> int:
-        """Forget a closed channel and what it held: the broker has requeued those
-        deliveries, so they are no longer in flight here (a callback still running
-        on one is the dispatcher's to count). Returns how many there were."""
-        by_tag = self._by_channel.pop(channel, None)
-        return len(by_tag) if by_tag else 0
-
-    def __contains__(self, d: Delivery) -> bool:
-        return self._by_channel.get(d.channel, {}).get(d.tag) is d
-
-    def lowest_tag(self, channel: Channel) -> int | None:
-        by_tag = self._by_channel.get(channel)
-        return next(iter(by_tag), None) if by_tag else None
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._by_channel.values())
-
-    def held(self, channel: Channel, label: str | None = None) -> list[Delivery]:
-        """The unsettled deliveries of one channel (and queue), oldest first."""
-        return [d for d in self._by_channel.get(channel, {}).values() if label is None or d.label == label]
-
-    def __iter__(self) -> Iterator[Delivery]:
-        for by_tag in list(self._by_channel.values()):
-            yield from list(by_tag.values())
-
-    def oldest_age(self) -> float:
-        firsts = [next(iter(v.values())).received for v in self._by_channel.values() if v]
-        return monotonic() - min(firsts) if firsts else 0.0
-
-    def snapshot(self) -> list[dict[str, Any]]:
-        now = monotonic()
-        out = []
-        for by_tag in self._by_channel.values():
-            for d in by_tag.values():
-                out.append(
-                    {
-                        "queue": d.label,
-                        "message_id": d.message.id,
-                        "routing_key": d.message.routing_key,
-                        "delivery_tag": d.tag,
-                        "age_seconds": round(now - d.received, 3),
-                        "running_seconds": None if d.started is None or d.finished is not None else round(now - d.started, 3),
-                        "channel_open": d.channel.is_open,
-                    }
-                )
-        return sorted(out, key=lambda r: -r["age_seconds"])
-
-
 class Consumer(Service):
     """Connects, declares, consumes and settles every delivery; drains on stop."""
 
@@ -172,17 +91,18 @@ class Consumer(Service):
         self._on_halt = on_halt
         self._on_fatal = lambda error: on_fatal(exitcodes.NOPERM, str(error))
         self.inflight = InFlight()
-        self.dispatcher = Dispatcher(reactor, callback, config.consumer.workers, self._results)
+        self.settler = Settler(reactor, self.inflight, metrics, self.halt, self._settled, lambda: self.running)
+        self.dispatcher = Dispatcher(reactor, callback, config.consumer.workers, self.settler.results)
         self.publisher = Publisher()
-        self.quarantine = Quarantine(reactor, self.publisher, metrics, self, self._has_dead_letter)
+        self.quarantine = Quarantine(reactor, self.publisher, metrics, self.settler, self._has_dead_letter)
+        self.settler.failures = self.quarantine
+        self.pipeline = Pipeline(self.inflight, metrics, state, self.quarantine, self.dispatcher)
         self.connector = Connector(reactor, config.amqp, self._session_up, self._connection_failed, self._on_fatal)
         self.connector.explain_loss = self._explain_loss
         self._session: Session | None = None
         self._channel: Channel | None = None
         self._names: dict[str, str] = {}
         self._tags: dict[str, str] = {}
-        self._acks: dict[Channel, list[int]] = {}
-        self._ack_scheduled = False
         # The channel retries' backoff; like the connector's, it restarts only once
         # consuming has started on every queue (see _consume).
         self._retry = Backoff(config.amqp.reconnect_min_delay, config.amqp.reconnect_max_delay)
@@ -248,7 +168,7 @@ class Consumer(Service):
                     log.warn("cancelling the consumer on {queue} failed: {why}", queue=queue, why=e)
         self._tags.clear()
         for d in self.dispatcher.take_pending():
-            self._settle(d, NOT_RUN)
+            self.settler.not_run(d)
         self.quarantine.stop()
         timed_out = False
         if not self._drained_now():
@@ -266,7 +186,7 @@ class Consumer(Service):
                 log.warn(
                     "drain ended with {n} deliveries unfinished; the broker requeues them", n=len(self.inflight)
                 )
-        self._flush_acks()
+        self.settler.flush_acks()
         await self.connector.close()
         self.state.set_connection("closed", "stopped")
         self.dispatcher.stop(join=not timed_out)
@@ -288,7 +208,7 @@ class Consumer(Service):
         self._rejoin.clear()
         self._reopen = None
         self.publisher.attach(None)
-        self._acks.clear()  # the channels' close listeners have dropped their deliveries
+        self.settler.disconnected()
         if self.running:
             new = "reconnecting" if was != "connecting" else "connecting"
             self.state.set_connection(new, why)
@@ -352,7 +272,7 @@ class Consumer(Service):
     async def _consume(self, ch: Channel, q: str) -> None:
         real = self._names.get(q, q)
         label = queue_label(q)
-        on_delivery = self._make_on_delivery(label)
+        on_delivery = self.pipeline.on_delivery(label)
         if q in self.state.single_active:
             self.state.set_active(q, False)
             on_delivery = self._first_delivery_marks_active(q, on_delivery)
@@ -376,9 +296,8 @@ class Consumer(Service):
         held = self.inflight.held(ch)
         # The broker requeued everything on the channel: what has not started runs under its redelivery.
         for d in self.dispatcher.withdraw(lambda d: d.channel is ch):
-            self._done(d)
-        self.inflight.drop_channel(ch)
-        self._acks.pop(ch, None)
+            self.settler.forget(d)
+        self.settler.drop_channel(ch)
         self._check_drained()
         for q in [q for q, r in self._rejoin.items() if r.channel is ch]:
             del self._rejoin[q]
@@ -455,7 +374,7 @@ class Consumer(Service):
         # the broker already took back is ignored; one it still holds must not wait for its timeout.
         returned = self.dispatcher.withdraw(lambda d: d.channel is ch and d.label == label)
         for d in returned:
-            self._settle(d, NOT_RUN)
+            self.settler.not_run(d)
         # The broker (4.3) keeps a consumer it cancelled until we answer; then it is gone for good
         # once it holds no unsettled delivery, and only then do we consume again.
         answered = _within(self._reactor, ch.answer_cancel(tag), ANSWER_TIMEOUT)
@@ -618,25 +537,6 @@ class Consumer(Service):
 
     # --- the hot path -------------------------------------------------------------------
 
-    def _make_on_delivery(self, label: str) -> Callable[[Channel, int, Message], None]:
-        received = self.metrics.counters["received"]
-        add = self.inflight.add
-        submit = self.dispatcher.submit
-        state = self.state
-        quarantine = self.quarantine
-        owed = quarantine.owed
-
-        def on_delivery(channel: Channel, tag: int, message: Message) -> None:
-            d = Delivery(channel, tag, message, label)
-            add(d)
-            received[label] += 1
-            state.last_delivery = time()
-            if message.redelivered and owed and quarantine.redelivered(d):
-                return  # its callback failed before; only its quarantine was left to do
-            submit(d)
-
-        return on_delivery
-
     def _first_delivery_marks_active(self, q: str, inner: Callable[[Channel, int, Message], None]) -> Callable[[Channel, int, Message], None]:
         """A delivery is the only sign a single-active-consumer queue gives that our consumer is the active one."""
         state = self.state
@@ -650,61 +550,8 @@ class Consumer(Service):
 
         return on_delivery
 
-    def _results(self, batch: Sequence[Delivery], results: Sequence[tuple]) -> None:
-        observe = self.metrics.duration.observe
-        for d, result in zip(batch, results):
-            if d.finished is not None and d.started is not None:
-                observe(d.finished - d.started)
-            try:
-                self._settle(d, result)
-            except Exception:
-                self._settle_failed(d, result)
-
-    def _settle_failed(self, d: Delivery, result: tuple) -> None:
-        """A bug while settling one delivery: say so, requeue it, and go on with the others."""
-        log.failure(
-            "settling message {message_id} ({outcome}) failed; it goes back to its queue",
-            message_id=d.message.id or f"tag:{d.tag}",
-            outcome=result[0],
-        )
-        if d not in self.inflight:
-            return  # it was settled before the failure
-        try:
-            self.requeue(d)
-        except Exception:
-            log.failure("requeueing message {message_id} failed too", message_id=d.message.id or f"tag:{d.tag}")
-            self._done(d)
-
-    def _settle(self, d: Delivery, result: tuple) -> None:
-        kind = result[0]
-        if d.taken_back and kind != "halt":  # no copy to quarantine either: it runs again
-            self._send(d, None, _nothing)
-            return
-        if kind == "ack":
-            self._ack(d)
-        elif kind == "requeue":
-            self._send(d, "requeued", lambda: d.channel.nack(d.tag, requeue=True))
-        elif kind == "reject":
-            self._send(d, "rejected", lambda: d.channel.reject(d.tag, requeue=False))
-        elif kind == "not-run":
-            self._send(d, None, lambda: d.channel.nack(d.tag, requeue=True))
-        elif kind == "halt":
-            exc = result[1]
-            if exc.requeue:
-                self._send(d, "requeued", lambda: d.channel.nack(d.tag, requeue=True))
-            else:
-                self._ack(d)
-            log.warn(
-                "the callback asked to halt (exit code {code}) on message {message_id}",
-                code=exc.exit_code,
-                message_id=d.message.id,
-            )
-            self.halt(exc.exit_code)
-        elif kind == "quarantine":
-            self.quarantine.submit(d, result[1], result[2])
-
-    def _done(self, d: Delivery) -> None:
-        self.inflight.remove(d)
+    def _settled(self) -> None:
+        """After each delivery leaves the registry."""
         if self._drained is not None:
             self._check_drained()
         if self._rejoin or self._reopen is not None:
@@ -717,79 +564,6 @@ class Consumer(Service):
     def _check_drained(self) -> None:
         if self._drained is not None and not self._drained.called and self._drained_now():
             self._drained.callback(None)
-
-    def _send(self, d: Delivery, outcome: str | None, send: Callable[[], None]) -> None:
-        if not d.channel.is_open:
-            log.debug("delivery {tag} came from a closed channel; the broker has requeued it", tag=d.tag)
-        elif d.taken_back:
-            self._give_back(d)
-        else:
-            send()
-            if outcome:
-                self.metrics.counters[outcome][d.label] += 1
-        self._done(d)
-
-    def _give_back(self, d: Delivery) -> None:
-        """The broker took this delivery back at its ack timeout, so its result no longer counts.
-
-        A nack for it is ignored by RabbitMQ 4.3 (no channel error), and returns it should it
-        still be held after all; either way a later multiple ack never covers it.
-        """
-        if d.started is not None:
-            log.info(
-                "message {message_id} from {queue!r} finished after the broker took it back (consumer ack "
-                "timeout): its result is dropped and it runs again",
-                message_id=d.message.id or f"tag:{d.tag}",
-                queue=d.label,
-            )
-        d.channel.nack(d.tag, requeue=True)
-
-    def _ack(self, d: Delivery) -> None:
-        """Acks are gathered for one reactor turn, then sent with multiple=True where the tags allow."""
-        if d.taken_back and d.channel.is_open:
-            self._give_back(d)
-        elif d.channel.is_open:
-            tags = self._acks.get(d.channel)
-            if tags is None:
-                tags = self._acks[d.channel] = []
-            tags.append(d.tag)
-            self.metrics.counters["acked"][d.label] += 1
-            if not self._ack_scheduled:
-                self._ack_scheduled = True
-                self._reactor.callLater(0, self._flush_acks)
-        self._done(d)
-
-    def _flush_acks(self) -> None:
-        self._ack_scheduled = False
-        acks, self._acks = self._acks, {}
-        for ch, tags in acks.items():
-            if not ch.is_open:
-                continue
-            low = self.inflight.lowest_tag(ch)
-            if low is None:
-                ch.ack(max(tags), multiple=True)
-                continue
-            below = [t for t in tags if t < low]
-            if below:
-                ch.ack(max(below), multiple=True)
-            for t in tags:
-                if t > low:
-                    ch.ack(t)
-
-    # --- settling for the quarantine ---------------------------------------------------
-
-    def ack(self, d: Delivery) -> None:
-        self._ack(d)
-
-    def requeue(self, d: Delivery) -> None:
-        self._send(d, "requeued", lambda: d.channel.nack(d.tag, requeue=True))
-
-    def reject(self, d: Delivery) -> None:
-        self._send(d, "rejected", lambda: d.channel.reject(d.tag, requeue=False))
-
-    def forget(self, d: Delivery) -> None:
-        """Nothing to send (its channel is closed or closes with us): the broker requeues it."""
-        self._done(d)
 
     def _has_dead_letter(self, label: str) -> bool:
         configured = configured_name(label)
@@ -811,10 +585,6 @@ class Consumer(Service):
             "amqp_consumer_workers_busy": self.dispatcher.busy,
             "amqp_consumer_workers_total": 0 if self.dispatcher.is_async else self.dispatcher.workers,
         }
-
-
-def _nothing() -> None:
-    pass
 
 
 class _Rejoin:

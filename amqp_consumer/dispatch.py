@@ -13,16 +13,29 @@ import traceback
 from contextvars import Context, copy_context
 from time import monotonic
 from types import MappingProxyType
-from typing import Any, Callable, Coroutine, Generator, Mapping, Sequence
+from typing import Any, Callable, Coroutine, Final, Generator, Mapping, Sequence, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from amqp_consumer.config import ConfigError
 from amqp_consumer.message import BodyDecodeError, Message, PropertiesDecodeError
-from amqp_consumer.outcomes import Drop, HaltConsumer, Nack
+from amqp_consumer.pipeline import BEFORE_CALLBACK, Stage, before_callback
+from amqp_consumer.outcomes import (
+    ACK,
+    NOT_RUN,
+    REJECT,
+    REQUEUE,
+    Drop,
+    Halt,
+    HaltConsumer,
+    Nack,
+    Outcome,
+    Quarantine,
+)
 
 log = Logger(namespace="amqp_consumer.dispatch")
 
@@ -32,24 +45,25 @@ class CallbackInitError(Exception):
 
 
 # --- outcomes -------------------------------------------------------------------
-# Plain tuples: cheap to make in the hot path; the first item says what to do.
-
-ACK = ("ack",)
-REQUEUE = ("requeue",)
-REJECT = ("reject",)
-NOT_RUN = ("not-run",)
-WITHDRAWN = ("withdrawn",)  # taken back by withdraw() and settled there; never reported
+# Values from outcomes.py; the argument-less ones are shared singletons.
 
 
-def quarantine(error: BaseException, detail: str) -> tuple[str, BaseException, str]:
-    return ("quarantine", error, detail)
+class _Withdrawn:
+    """Taken back by withdraw() and settled there; never reported."""
 
 
-def halt(exc: HaltConsumer) -> tuple[str, HaltConsumer]:
-    return ("halt", exc)
+WITHDRAWN: Final = _Withdrawn()
 
 
-def classify(error: BaseException, tb: str | None = None) -> tuple:
+def quarantine(error: BaseException, detail: str) -> Quarantine:
+    return Quarantine(error, detail)
+
+
+def halt(exc: HaltConsumer) -> Halt:
+    return Halt(exc.exit_code, exc.requeue)
+
+
+def classify(error: BaseException, tb: str | None = None) -> Outcome:
     """Map what a callback raised to what happens to its message."""
     if isinstance(error, Nack):
         return REQUEUE
@@ -58,8 +72,8 @@ def classify(error: BaseException, tb: str | None = None) -> tuple:
     if isinstance(error, HaltConsumer):
         return halt(error)
     if isinstance(error, (BodyDecodeError, PropertiesDecodeError)):
-        return quarantine(error, str(error))
-    return quarantine(error, tb or "".join(traceback.format_exception(error)).rstrip())
+        return Quarantine(error, str(error))
+    return Quarantine(error, tb or "".join(traceback.format_exception(error)).rstrip())
 
 
 # --- loading --------------------------------------------------------------------
@@ -96,7 +110,7 @@ def load_callback(ref: str) -> Any:
 def instantiate(obj: Any, config: Mapping[str, Any]) -> Callable[[Message], Any]:
     """A class is built once, as Class(config) (or Class() when it takes no argument)."""
     if not inspect.isclass(obj):
-        return obj
+        return cast("Callable[[Message], Any]", obj)
     try:
         params = [
             p for p in inspect.signature(obj).parameters.values()
@@ -105,7 +119,9 @@ def instantiate(obj: Any, config: Mapping[str, Any]) -> Callable[[Message], Any]
     except (TypeError, ValueError):
         params = []
     try:
-        return obj(MappingProxyType(dict(config))) if params else obj()
+        cls: Any = obj
+        built: Callable[[Message], Any] = cls(MappingProxyType(dict(config))) if params else cls()
+        return built
     except Exception as e:
         raise CallbackInitError(f"{obj.__module__}.{obj.__qualname__}() raised {type(e).__name__}: {e}") from e
 
@@ -131,6 +147,11 @@ class WorkerPool(ThreadPool):
     threadFactory = staticmethod(_daemon_thread)  # type: ignore[assignment]
 
 
+def worker_pool(workers: int) -> WorkerPool:
+    """The bounded pool sync callbacks run on (daemon threads)."""
+    return WorkerPool(minthreads=workers, maxthreads=workers, name="amqp-consumer-worker")
+
+
 class Dispatcher:
     """Runs deliveries through the callback and reports (delivery, outcome) pairs on the reactor thread.
 
@@ -144,13 +165,18 @@ class Dispatcher:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         callback: Callable[[Message], Any],
         workers: int,
-        on_results: Callable[[Sequence[Any], Sequence[tuple]], None],
+        on_results: Callable[[Sequence[Any], Sequence[Outcome]], None],
+        stages: Sequence[Stage] = BEFORE_CALLBACK,
+        pool: ThreadPool | None = None,
     ) -> None:
         self._reactor = reactor
-        self._fn = callback
+        # The daemon's reactor provides both interfaces; only the thread hop needs the second.
+        self._threads = cast(IReactorFromThreads, reactor)
+        # The stages before the callback and the callback, as one function (see pipeline.py).
+        self._fn = before_callback(stages, callback)
         self.workers = workers
         self._on_results = on_results
         self.is_async = is_async(callback)
@@ -161,12 +187,12 @@ class Dispatcher:
         self._claim = threading.Lock()
         self._pump_scheduled = False
         self.accepting = True
-        self._pool: WorkerPool | None = None
-        self._asyncio_loop = None
+        self._pool: ThreadPool | None = None
+        self._asyncio_loop: Any = None
         if not self.is_async:
-            self._pool = WorkerPool(minthreads=workers, maxthreads=workers, name="amqp-consumer-worker")
+            self._pool = pool or worker_pool(workers)
         elif type(reactor).__name__ == "AsyncioSelectorReactor":
-            self._asyncio_loop = reactor._asyncioEventloop
+            self._asyncio_loop = getattr(reactor, "_asyncioEventloop")
 
     # lifecycle
 
@@ -241,6 +267,8 @@ class Dispatcher:
                 else:  # a HaltConsumer earlier in this turn, or a lost channel: not run
                     self._on_results((delivery,), (NOT_RUN,))
             return
+        pool = self._pool
+        assert pool is not None  # sync callbacks always have one
         free = self.workers - self._busy
         while free > 0 and self._pending:
             if self.workers == 1:
@@ -253,14 +281,14 @@ class Dispatcher:
             self._busy += 1
             free -= 1
             self._batches[id(batch)] = batch
-            d = deferToThreadPool(self._reactor, self._pool, self._run_batch, batch)
+            d = deferToThreadPool(self._threads, pool, self._run_batch, batch)
             d.addCallback(self._batch_done, batch)
             d.addErrback(lambda f: log.failure("worker batch failed", f))
 
-    def _run_batch(self, batch: list[Any]) -> list[tuple]:
+    def _run_batch(self, batch: list[Any]) -> list[Outcome | _Withdrawn]:
         fn = self._fn
         claim = self._claim
-        out: list[tuple] = []
+        out: list[Outcome | _Withdrawn] = []
         append = out.append
         for delivery in batch:
             with claim:
@@ -274,26 +302,26 @@ class Dispatcher:
                     append(NOT_RUN)
                     continue
                 delivery.started = monotonic()
+            result: Outcome
             try:
-                message = delivery.message
-                message.decode()
-                fn(message)
+                fn(delivery.message)
                 result = ACK
             except BaseException as e:  # noqa: BLE001 - every failure has an outcome
                 result = classify(e)
-                if result[0] == "halt":
+                if type(result) is Halt:
                     self.accepting = False
             delivery.finished = monotonic()
             append(result)
         return out
 
-    def _batch_done(self, results: list[tuple], batch: list[Any]) -> None:
+    def _batch_done(self, results: list[Outcome | _Withdrawn], batch: list[Any]) -> None:
         self._busy -= 1
         del self._batches[id(batch)]
         if any(r is WITHDRAWN for r in results):
-            kept = [(d, r) for d, r in zip(batch, results) if r is not WITHDRAWN]
-            batch, results = [d for d, _ in kept], [r for _, r in kept]
-        self._on_results(batch, results)
+            kept = [(d, r) for d, r in zip(batch, results) if not isinstance(r, _Withdrawn)]
+            self._on_results([d for d, _ in kept], [r for _, r in kept])
+        else:
+            self._on_results(batch, cast("list[Outcome]", results))  # no _Withdrawn in it
         if self._pending and not self._pump_scheduled:
             self._pump_scheduled = True
             self._reactor.callLater(0, self._pump)
@@ -304,8 +332,8 @@ class Dispatcher:
         delivery.started = monotonic()
         self._busy += 1
         try:
-            delivery.message.decode()
             coro = self._fn(delivery.message)
+            d: defer.Deferred[Any] | None
             if self._asyncio_loop is not None:
                 import asyncio
 
@@ -332,7 +360,7 @@ class Dispatcher:
         self._busy -= 1
         delivery.finished = monotonic()
         result = classify(error, tb)
-        if result[0] == "halt":
+        if type(result) is Halt:
             self.accepting = False
         self._on_results((delivery,), (result,))
 

@@ -22,8 +22,10 @@ from twisted.logger import formatEvent, globalLogPublisher
 from amqp_consumer.brokerlimits import AckTimeoutWatch, ack_timeouts, is_ack_timeout_close, limit_in_close
 from amqp_consumer.config import load
 from amqp_consumer.connection import ChannelClosed
-from amqp_consumer.consumer import Consumer, Delivery
-from amqp_consumer.dispatch import ACK, Dispatcher
+from amqp_consumer.consumer import Consumer
+from amqp_consumer.inflight import Delivery
+from amqp_consumer.dispatch import Dispatcher
+from amqp_consumer.outcomes import ACK, Outcome
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
 from amqp_consumer.state import State
@@ -109,7 +111,7 @@ def record_opens(c: Consumer) -> list:
 
 def receive(c: Consumer, ch: FakeChannel, tag: int, age: float, running: bool = False) -> Delivery:
     """A delivery received `age` seconds ago: waiting in the dispatcher, or with its callback running."""
-    c._make_on_delivery("q")(ch, tag, Message(body=b"{}", id=f"m{tag}", queue="q", delivery_tag=tag))
+    c.pipeline.on_delivery("q")(ch, tag, Message(body=b"{}", id=f"m{tag}", queue="q", delivery_tag=tag))
     d = c.dispatcher._pending[-1]
     d.received = monotonic() - age
     if running:
@@ -119,11 +121,11 @@ def receive(c: Consumer, ch: FakeChannel, tag: int, age: float, running: bool = 
     return d
 
 
-def finish(c: Consumer, d: Delivery, result: tuple = ACK) -> None:
+def finish(c: Consumer, d: Delivery, result: Outcome = ACK) -> None:
     """Its callback returns: the dispatcher reports it on the reactor thread."""
     del c.dispatcher._batches[id(d)]
     d.finished = monotonic()
-    c._results([d], [result])
+    c.settler.results([d], [result])
 
 
 def test_ack_timeout_defaults_to_the_queues_argument_else_1800_and_ack_timeout_wins(tmp_path: Path) -> None:

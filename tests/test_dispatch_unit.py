@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from amqp_consumer.dispatch import Dispatcher
 from amqp_consumer.message import Message
-from amqp_consumer.outcomes import HaltConsumer, Nack
+from amqp_consumer.outcomes import ACK, REQUEUE, HaltConsumer, Nack
 
 
 class Ch:
@@ -52,7 +52,7 @@ def test_a_callback_that_never_waits_is_acked_in_the_same_turn():
 
     _, dispatcher, results = run(cb, D(1), D(2))
     assert seen == [1, 2]
-    assert results == [(1, ("ack",)), (2, ("ack",))]
+    assert results == [(1, ACK), (2, ACK)]
     assert dispatcher.busy == 0
 
 
@@ -70,7 +70,7 @@ def test_a_callback_waiting_on_a_deferred_is_acked_when_it_fires():
     assert results == [] and dispatcher.busy == 1
     waits[0].callback("row")
     assert got == ["row", "row"]
-    assert results == [(1, ("ack",))] and dispatcher.busy == 0
+    assert results == [(1, ACK)] and dispatcher.busy == 0
 
 
 def test_a_failed_wait_raises_inside_the_callback():
@@ -86,7 +86,7 @@ def test_a_failed_wait_raises_inside_the_callback():
 
     _, _, results = run(cb, D(1))
     waits[0].errback(KeyError("gone"))
-    assert results == [(1, ("requeue",))]
+    assert results == [(1, REQUEUE)]
 
 
 def test_an_error_after_a_wait_is_quarantined_with_its_traceback():
@@ -101,8 +101,8 @@ def test_an_error_after_a_wait_is_quarantined_with_its_traceback():
     _, _, results = run(store_order, D(1))
     waits[0].callback(None)
     [(tag, outcome)] = results
-    assert tag == 1 and outcome[0] == "quarantine"
-    assert "ValueError: no such customer" in outcome[2] and "store_order" in outcome[2]
+    assert tag == 1 and outcome.kind == "quarantine"
+    assert "ValueError: no such customer" in outcome.detail and "store_order" in outcome.detail
 
 
 def test_an_error_before_any_wait_is_quarantined_with_its_traceback():
@@ -111,7 +111,7 @@ def test_an_error_before_any_wait_is_quarantined_with_its_traceback():
 
     _, _, results = run(parse_order, D(1))
     [(tag, outcome)] = results
-    assert outcome[0] == "quarantine" and "parse_order" in outcome[2] and "bad order" in outcome[2]
+    assert outcome.kind == "quarantine" and "parse_order" in outcome.detail and "bad order" in outcome.detail
 
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
@@ -145,7 +145,7 @@ def test_halt_stops_the_callbacks_after_it_in_the_same_turn():
 
     _, dispatcher, results = run(cb, D(1), D(2), D(3))
     assert ran == [1]
-    assert [(tag, o[0]) for tag, o in results] == [(1, "halt"), (2, "not-run"), (3, "not-run")]
+    assert [(tag, o.kind) for tag, o in results] == [(1, "halt"), (2, "not-run"), (3, "not-run")]
     assert dispatcher.busy == 0
 
 
@@ -160,7 +160,7 @@ def test_no_callback_starts_on_a_delivery_whose_channel_closed_meanwhile():
 
     _, dispatcher, results = run(cb, D(1, ch), D(2, ch), D(3))
     assert ran == [1, 3]
-    assert [(tag, o[0]) for tag, o in results] == [(1, "ack"), (2, "not-run"), (3, "ack")]
+    assert [(tag, o.kind) for tag, o in results] == [(1, "ack"), (2, "not-run"), (3, "ack")]
 
 
 def test_a_sync_batch_skips_the_deliveries_of_a_channel_closed_while_it_ran():
@@ -174,4 +174,4 @@ def test_a_sync_batch_skips_the_deliveries_of_a_channel_closed_while_it_ran():
     dispatcher = Dispatcher(Clock(), cb, workers=1, on_results=lambda batch, outcomes: None)
     outcomes = dispatcher._run_batch([D(1, ch), D(2, ch), D(3, ch), D(4)])  # as the worker thread runs it
     assert ran == [1, 4]
-    assert [o[0] for o in outcomes] == ["ack", "not-run", "not-run", "ack"]
+    assert [o.kind for o in outcomes] == ["ack", "not-run", "not-run", "ack"]

@@ -21,7 +21,7 @@ from twisted.logger import globalLogPublisher
 
 from amqp_consumer import __version__, build, exitcodes, health
 from amqp_consumer.config import AMQPConfig, Config, ConsumerConfig, HealthConfig, QueueConfig
-from amqp_consumer.consumer import Delivery
+from amqp_consumer.inflight import Delivery
 from amqp_consumer.daemon import Daemon
 from amqp_consumer.message import Message
 from tests.support.broker import Broker

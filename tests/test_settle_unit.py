@@ -10,10 +10,10 @@ from twisted.internet.testing import MemoryReactorClock
 from amqp_consumer.config import load
 from amqp_consumer.connection import ChannelClosed
 from amqp_consumer.consumer import Consumer
-from amqp_consumer.dispatch import ACK, NOT_RUN, REJECT, REQUEUE, classify, halt, quarantine
+from amqp_consumer.dispatch import classify, halt, quarantine
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
-from amqp_consumer.outcomes import HaltConsumer, Nack
+from amqp_consumer.outcomes import ACK, NOT_RUN, REJECT, REQUEUE, HaltConsumer, Nack, Quarantine
 from amqp_consumer.state import State
 
 
@@ -46,7 +46,7 @@ def consumer(tmp_path: Path):
 
 def deliver(c: Consumer, ch: FakeChannel, tags: list[int]) -> list:
     c.dispatcher.submit = lambda d: None  # as if running: the test settles them by hand
-    on_delivery = c._make_on_delivery("q")
+    on_delivery = c.pipeline.on_delivery("q")
     for tag in tags:
         on_delivery(ch, tag, Message(body=b"{}", queue="q", delivery_tag=tag))
     return sorted((d for by in c.inflight._by_channel.values() for d in by.values()), key=lambda d: d.tag)
@@ -56,7 +56,7 @@ def test_acks_of_one_turn_go_out_as_one_multiple_ack(consumer):
     reactor, c = consumer
     ch = FakeChannel()
     ds = deliver(c, ch, [1, 2, 3, 4, 5])
-    c._results(ds, [ACK] * 5)
+    c.settler.results(ds, [ACK] * 5)
     assert ch.sent == []  # nothing before the reactor turns
     reactor.advance(0)
     assert ch.sent == [("ack", 5, True)]
@@ -68,13 +68,13 @@ def test_acks_above_an_unfinished_delivery_are_sent_one_by_one(consumer):
     reactor, c = consumer
     ch = FakeChannel()
     ds = deliver(c, ch, [1, 2, 3, 4])
-    c._results([ds[1], ds[2]], [ACK, ACK])  # tag 1 still running: a multiple ack would cover it
+    c.settler.results([ds[1], ds[2]], [ACK, ACK])  # tag 1 still running: a multiple ack would cover it
     reactor.advance(0)
     assert ch.sent == [("ack", 2, False), ("ack", 3, False)]
-    c._results([ds[0]], [ACK])
+    c.settler.results([ds[0]], [ACK])
     reactor.advance(0)
     assert ch.sent[-1] == ("ack", 1, True)  # safe: 2 and 3 are already acked, 4 is above
-    c._results([ds[3]], [ACK])
+    c.settler.results([ds[3]], [ACK])
     reactor.advance(0)
     assert ch.sent[-1] == ("ack", 4, True)
 
@@ -83,7 +83,7 @@ def test_requeue_reject_and_not_run_are_sent_at_once_and_counted(consumer):
     reactor, c = consumer
     ch = FakeChannel()
     ds = deliver(c, ch, [1, 2, 3])
-    c._results(ds, [REQUEUE, REJECT, NOT_RUN])
+    c.settler.results(ds, [REQUEUE, REJECT, NOT_RUN])
     assert ch.sent == [("nack", 1, True), ("reject", 2, False), ("nack", 3, True)]
     assert (c.metrics.value("requeued", "q"), c.metrics.value("rejected", "q")) == (1, 1)
 
@@ -93,7 +93,7 @@ def test_nothing_is_sent_on_a_closed_channel(consumer):
     ch = FakeChannel()
     ds = deliver(c, ch, [1, 2])
     ch.is_open = False
-    c._results(ds, [ACK, REQUEUE])
+    c.settler.results(ds, [ACK, REQUEUE])
     reactor.advance(0)
     assert ch.sent == []
     assert len(c.inflight) == 0
@@ -103,7 +103,7 @@ def test_halt_acks_its_message_and_asks_to_stop(consumer):
     reactor, c = consumer
     ch = FakeChannel()
     ds = deliver(c, ch, [7])
-    c._results(ds, [halt(HaltConsumer(exit_code=4))])
+    c.settler.results(ds, [halt(HaltConsumer(exit_code=4))])
     reactor.advance(0)
     assert ch.sent == [("ack", 7, True)]
     assert c.halts == [4] and c.state.readiness() == (False, "halted")
@@ -111,8 +111,8 @@ def test_halt_acks_its_message_and_asks_to_stop(consumer):
 
 def test_classify_maps_exceptions_to_outcomes():
     assert classify(Nack()) == REQUEUE
-    kind, error, detail = classify(ValueError("boom"))
-    assert kind == "quarantine" and "ValueError: boom" in detail
+    q = classify(ValueError("boom"))
+    assert isinstance(q, Quarantine) and "ValueError: boom" in q.detail
 
 
 def test_channel_retry_delay_grows_and_is_capped(consumer):
@@ -130,7 +130,7 @@ def test_drain_waits_for_in_flight_then_gives_up_after_drain_timeout(consumer):
     stopping = c.stopService()
     assert not stopping.called  # draining: two deliveries in flight
     assert c.state.readiness() == (False, "draining")
-    c._results([ds[0]], [ACK])  # one finishes during the drain and is acked
+    c.settler.results([ds[0]], [ACK])  # one finishes during the drain and is acked
     reactor.advance(29.9)
     assert not stopping.called
     reactor.advance(0.2)  # drain_timeout (30 s) is over
@@ -144,7 +144,7 @@ def test_drain_ends_as_soon_as_in_flight_work_is_done(consumer):
     c.startService()
     ds = deliver(c, ch, [1])
     stopping = c.stopService()
-    c._results(ds, [ACK])
+    c.settler.results(ds, [ACK])
     assert stopping.called
     assert ch.sent == [("ack", 1, True)]  # flushed before closing, not left for the next turn
 
@@ -162,7 +162,7 @@ def test_prefetched_deliveries_that_never_started_go_back_at_once_on_stop(consum
     reactor, c = consumer
     ch = FakeChannel()
     c.startService()
-    on_delivery = c._make_on_delivery("q")
+    on_delivery = c.pipeline.on_delivery("q")
     for tag in (1, 2):
         on_delivery(ch, tag, Message(body=b"{}", queue="q", delivery_tag=tag))  # pending in the dispatcher
     stopping = c.stopService()
@@ -230,7 +230,7 @@ def test_deliveries_of_a_closed_channel_are_no_longer_in_flight(consumer):
     close(c, ch)
     assert c._live_metrics()["amqp_consumer_inflight"] == 0
     assert c.inflight.snapshot() == []
-    c._results(ds, [ACK, REQUEUE, ACK])  # their callbacks finish later: nothing to send, nothing breaks
+    c.settler.results(ds, [ACK, REQUEUE, ACK])  # their callbacks finish later: nothing to send, nothing breaks
     reactor.advance(0)
     assert ch.sent == [] and len(c.inflight) == 0
 
@@ -239,7 +239,7 @@ def test_closed_channels_do_not_pile_up_in_the_in_flight_registry(consumer):
     reactor, c = consumer
     for _ in range(40):  # 40 reconnects, each after its deliveries were settled
         ch = FakeChannel()
-        c._results(deliver(c, ch, [1]), [ACK])
+        c.settler.results(deliver(c, ch, [1]), [ACK])
         reactor.advance(0)
         close(c, ch)
     assert c.inflight._by_channel == {}
@@ -257,7 +257,7 @@ def test_the_drain_waits_for_a_callback_still_running_on_a_lost_channel(consumer
     reactor.advance(10)
     assert not stopping.called
     c.dispatcher._busy = 0
-    c._results(ds, [ACK])
+    c.settler.results(ds, [ACK])
     assert stopping.called and ch.sent == []
 
 
@@ -282,7 +282,7 @@ def test_a_failure_while_settling_one_delivery_does_not_stop_the_others(consumer
         raise RuntimeError("a bug in the quarantine path")
 
     c.quarantine.submit = broken
-    c._results(ds, [ACK, quarantine(ValueError("x"), "tb"), ACK])
+    c.settler.results(ds, [ACK, quarantine(ValueError("x"), "tb"), ACK])
     reactor.advance(0)
     assert ch.sent == [("nack", 2, True), ("ack", 3, True)]  # 2 goes back; 1 and 3 are acked
     assert len(c.inflight) == 0
