@@ -11,23 +11,36 @@ import random
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 from urllib.parse import urlsplit
 
-import pika
-import pika.channel
-import pika.credentials
-import pika.data
-import pika.frame
-import pika.spec
+# pika ships no type information (no py.typed): everything from it is Any, here
+# and only here. The rest of the daemon sees the typed classes below.
+import pika  # type: ignore[import-untyped]
+import pika.channel  # type: ignore[import-untyped]
+import pika.credentials  # type: ignore[import-untyped]
+import pika.data  # type: ignore[import-untyped]
+import pika.frame  # type: ignore[import-untyped]
+import pika.spec  # type: ignore[import-untyped]
 from pika import exceptions as pika_exc
-from pika.adapters.twisted_connection import ClosableDeferredQueue, TwistedChannel, TwistedProtocolConnection
+from pika.adapters.twisted_connection import (  # type: ignore[import-untyped]
+    ClosableDeferredQueue,
+    TwistedChannel,
+    TwistedProtocolConnection,
+)
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +53,35 @@ from amqp_consumer.stall import StallWatch
 from amqp_consumer.state import BrokerNode
 
 log = Logger(namespace="amqp_consumer.connection")
+
+
+# --- pika's private surface -------------------------------------------------------
+#
+# pika 1.x offers no public way to do what these do. Every private name this
+# module touches is listed here, checked against PIKA_CHECKED;
+# tests/test_pika_surface.py fails when the installed pika lacks one or changes
+# its shape ("name(params)" is a method with those parameters, "name" an
+# attribute). Change a use and this list together.
+PIKA_CHECKED = "1.4.4"
+PIKA_PRIVATE: tuple[tuple[str, str, str], ...] = (
+    # (pika class, name, what we rely on it for)
+    ("TwistedProtocolConnection", "_impl", "the pika Connection behind the adapter (params, callbacks)"),
+    ("TwistedProtocolConnection", "_on_connection_failed(_connection, _error_message)",
+     "overridden: the handshake fails with the broker's refusal, not a generic error"),
+    ("TwistedProtocolConnection", "_on_connection_closed(_connection, exception)",
+     "overridden: a close carries the broker's reason, or the stall watch's"),
+    ("Connection", "_error", "the broker's Connection.Close, read when the socket goes"),
+    ("Connection", "_read_frame()", "replaced: a content header pika cannot decode is read leniently"),
+    ("Connection", "_frame_buffer", "the bytes read and not yet decoded, for the lenient reader"),
+    ("Connection", "_channels", "channel number to Channel: which numbers are in use"),
+    ("Connection", "_next_channel_number()", "replaced: a number the broker closed is held (_ChannelNumbers)"),
+    ("Connection", "_on_channel_cleanup(channel)", "wrapped: notes a number the broker closed"),
+    ("Connection", "_deliver_frame_to_channel(value)", "wrapped: frames for a held number are dropped"),
+    ("Channel", "_closing_reason", "ChannelClosedByBroker when the broker started the close"),
+    ("Channel", "_consumers", "consumer tag to on_message: put back to answer a broker's cancel"),
+    ("TwistedChannel", "_channel", "the pika Channel: acks without a Deferred each, cancel callbacks"),
+    ("TwistedChannel", "_consumers", "consumer tag to ClosableDeferredQueue, kept in step with ours"),
+)
 
 OnDelivery = Callable[["Channel", int, Message], None]
 
@@ -85,7 +127,7 @@ class Unroutable(PublishFailed):
     """The broker returned a mandatory publish: no queue is bound to take it (NO_ROUTE)."""
 
 
-def _translate(error: Any) -> Exception:
+def _translate(error: object) -> Exception:
     """Turn a pika or Twisted error into one of ours with a readable text."""
     if isinstance(error, Failure):
         error = error.value
@@ -124,7 +166,7 @@ def _pika_text(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-def _tls_or_plain_text(error: Any) -> str:
+def _tls_or_plain_text(error: object) -> str:
     name = type(error).__name__
     text = str(error)
     if name == "VerificationError":
@@ -139,14 +181,17 @@ def _tls_or_plain_text(error: Any) -> str:
 # --- the connection -------------------------------------------------------------
 
 
-class _Protocol(TwistedProtocolConnection):
+class _Protocol(TwistedProtocolConnection):  # type: ignore[misc]  # pika's class is Any
     """Keep the broker's real reason instead of pika's generic errors."""
 
+    # Set by pika's __init__; declared for the checker, as pika's classes are Any.
+    ready: Deferred[Any] | None
+    closed: Deferred[Any] | None
     _broker_close: Exception | None = None
     _stalled: Exception | None = None
     _watch: StallWatch | None = None
 
-    def watch_for_stalls(self, clock: Any) -> None:
+    def watch_for_stalls(self, clock: IReactorTime) -> None:
         """Once open: drop the connection after two heartbeat intervals without a byte from the broker."""
         heartbeat = self._impl.params.heartbeat  # as negotiated with the broker
         if heartbeat:
@@ -172,7 +217,7 @@ class _Protocol(TwistedProtocolConnection):
         impl._read_frame = lambda: _read_frame(impl._frame_buffer)
         self._numbers = _ChannelNumbers(impl)
 
-    def channel(self, channel_number: int | None = None) -> Deferred:
+    def channel(self, channel_number: int | None = None) -> Deferred[Any]:
         return self._numbers.opening(super().channel(channel_number))
 
     def connectionMade(self) -> None:
@@ -195,6 +240,7 @@ class _Protocol(TwistedProtocolConnection):
         super().connectionLost(reason)
 
     def _on_connection_failed(self, _connection: Any, error: Exception | None = None) -> None:
+        d: Deferred[Any] | None
         d, self.ready = self.ready, None
         if d:
             d.errback(self._broker_close or error or pika_exc.AMQPConnectionError("handshake failed"))
@@ -211,7 +257,7 @@ class _Target:
     params: pika.ConnectionParameters
 
 
-def _targets(reactor: Any, config: AMQPConfig, rng: random.Random) -> list[_Target]:
+def _targets(reactor: IReactorTime, config: AMQPConfig, rng: random.Random) -> list[_Target]:
     """One target per URL, in the configured order or, with amqp.shuffle, in a random one
     drawn once: daemons sharing a config then spread their first connections over the nodes."""
     out = []
@@ -236,7 +282,7 @@ def _targets(reactor: Any, config: AMQPConfig, rng: random.Random) -> list[_Targ
     return out
 
 
-def _tls_options(host: str, config: AMQPConfig) -> Any:
+def _tls_options(host: str, config: AMQPConfig) -> IOpenSSLClientConnectionCreator:
     from twisted.internet import ssl
 
     tls = config.tls
@@ -264,7 +310,7 @@ class _RoundRobin(Factory):
 
     noisy = False  # no "Starting factory" line per reconnect
 
-    def __init__(self, targets: list[_Target], reactor: Any, next_delay: Callable[[], float]) -> None:
+    def __init__(self, targets: list[_Target], reactor: IReactorTime, next_delay: Callable[[], float]) -> None:
         self._targets = targets
         self._index = 0
         self._reactor = reactor
@@ -277,7 +323,7 @@ class _RoundRobin(Factory):
     def advance(self) -> None:
         self._index = (self._index + 1) % len(self._targets)
 
-    def connect(self, protocolFactory: Any) -> Deferred:
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         target = self.current
         d = target.endpoint.connect(protocolFactory)
 
@@ -293,7 +339,7 @@ class _RoundRobin(Factory):
 
         return d.addErrback(failed)
 
-    def buildProtocol(self, addr: Any) -> _Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> _Protocol:
         return _Protocol(self.current.params, custom_reactor=self._reactor)
 
     def __repr__(self) -> str:
@@ -305,7 +351,7 @@ class Connector(Service):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         config: AMQPConfig,
         on_session: Callable[[Session], None],
         on_failure: Callable[[str], None],
@@ -337,7 +383,7 @@ class Connector(Service):
         return self._rr.current.display
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         log.info("connecting to {url}", url=self.target)
         self._service.startService()
 
@@ -355,8 +401,8 @@ class Connector(Service):
             await session.close(timeout)
         await self._service.stopService()
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
         return defer.ensureDeferred(self.close())
 
     # Backoff. ClientService counts failed attempts itself but restarts the count at
@@ -378,8 +424,11 @@ class Connector(Service):
         self._planned = None
         return delay
 
-    def _handshake(self, proto: _Protocol) -> Deferred:
-        ready = proto.ready
+    def _handshake(self, protocol: IProtocol) -> Deferred[None]:
+        # ClientService hands over a proxy that forwards every attribute to the
+        # _Protocol that _RoundRobin.buildProtocol made.
+        proto = cast(_Protocol, protocol)
+        ready: Deferred[Any] | None = proto.ready
         assert ready is not None
         timer = self._reactor.callLater(self._config.connect_timeout, proto.transport.abortConnection)
 
@@ -416,7 +465,7 @@ class Connector(Service):
 
         return ready.addCallbacks(opened, failed)
 
-    def _lost(self, reason: Exception, session: Session) -> None:
+    def _lost(self, reason: Exception | None, session: Session) -> None:
         if self.session is session:
             self.session = None
         error = _translate(reason) if reason is not None else AMQPError("closed")
@@ -436,12 +485,13 @@ class Connector(Service):
 class Session:
     """One open AMQP connection."""
 
-    def __init__(self, proto: _Protocol, reactor: Any, address: str) -> None:
+    def __init__(self, proto: _Protocol, reactor: IReactorTime, address: str) -> None:
         self._proto = proto
         self._reactor = reactor
         self.node = _broker_node(address, proto._impl.server_properties or {})
         self.closing = False
-        self.closed: Deferred = proto.closed if proto.closed is not None else defer.succeed(None)
+        # Fires with why the connection closed (None: no reason known).
+        self.closed: Deferred[Exception | None] = proto.closed if proto.closed is not None else defer.succeed(None)
         self.blocked: Callable[[bool, str], None] = lambda blocked, why: None
         impl = proto._impl
         impl.add_on_connection_blocked_callback(
@@ -451,7 +501,7 @@ class Session:
 
     @property
     def is_open(self) -> bool:
-        return not self.closing and self._proto._impl.is_open
+        return not self.closing and bool(self._proto._impl.is_open)
 
     async def channel(self) -> Channel:
         try:
@@ -472,7 +522,7 @@ class Session:
         self.closing = True
         if self._proto.is_closed:
             return
-        done: Deferred = Deferred()
+        done: Deferred[bool] = Deferred()
         self.closed.addBoth(lambda r: done.callback(True) if not done.called else None)
         timer = self._reactor.callLater(timeout, lambda: done.callback(False) if not done.called else None)
         try:
@@ -520,7 +570,7 @@ class Channel:
 
     @property
     def is_open(self) -> bool:
-        return self._ch.is_open
+        return bool(self._ch.is_open)
 
     def on_close(self, listener: Callable[[ChannelClosed], None]) -> None:
         """Call listener once with the reason when the channel closes (at once if it has)."""
@@ -529,7 +579,7 @@ class Channel:
         else:
             self._close_listeners.append(listener)
 
-    def _on_closed(self, reason: Any) -> None:
+    def _on_closed(self, reason: object) -> None:
         error = _translate(reason) if reason is not None else None
         if not isinstance(error, ChannelClosed):
             error = ChannelClosed(0, str(error or "closed"), False)
@@ -592,7 +642,7 @@ class Channel:
     async def consume(self, queue: str, on_delivery: OnDelivery, on_cancel: Callable[[str], None]) -> str:
         """Start a consumer; deliveries go to on_delivery on the reactor thread."""
         ch = self._ch
-        done: Deferred = Deferred()
+        done: Deferred[str] = Deferred()
         channel = self
         partly_read = _PartlyRead
 
@@ -623,7 +673,7 @@ class Channel:
             on_delivery(channel, method.delivery_tag, msg)
 
         def ok(frame: Any) -> None:
-            tag = frame.method.consumer_tag
+            tag: str = frame.method.consumer_tag
             # Keep TwistedChannel's bookkeeping consistent so a broker cancel is not logged as unknown.
             self._tc._consumers[tag] = ClosableDeferredQueue()
             self._cancel_handlers[tag] = on_cancel
@@ -679,7 +729,8 @@ class Channel:
     @property
     def user(self) -> str | None:
         """The user this connection logged in as (None with EXTERNAL: the certificate says)."""
-        return getattr(self._ch.connection.params.credentials, "username", None)
+        user: str | None = getattr(self._ch.connection.params.credentials, "username", None)
+        return user
 
     @property
     def max_properties_size(self) -> int:
@@ -712,14 +763,15 @@ class Channel:
             except pika_exc.ChannelWrongStateError:
                 return
         if self.close_reason is None:
-            closed: Deferred = Deferred()
+            closed: Deferred[ChannelClosed] = Deferred()
             self.on_close(closed.callback)
             await closed
 
 
 def _max_properties_size(frame_max: int) -> int:
     # frame header (7), class id, weight and body size (12), frame end (1)
-    return frame_max - pika.spec.FRAME_HEADER_SIZE - 12 - pika.spec.FRAME_END_SIZE
+    size: int = frame_max - pika.spec.FRAME_HEADER_SIZE - 12 - pika.spec.FRAME_END_SIZE
+    return size
 
 
 def properties_size(properties: Mapping[str, Any]) -> int:
@@ -749,7 +801,8 @@ def header_fault(key: Any, value: Any) -> str | None:
 def header_size(key: Any, value: Any) -> int:
     """Bytes one (encodable) header takes in the properties."""
     pieces: list[bytes] = []
-    return pika.data.encode_short_string(pieces, key) + pika.data.encode_value(pieces, value)
+    size: int = pika.data.encode_short_string(pieces, key) + pika.data.encode_value(pieces, value)
+    return size
 
 
 def quarantine_queue(configured: str) -> str:
@@ -769,7 +822,7 @@ def quarantine_queue(configured: str) -> str:
 # callback (Message.unreadable).
 
 
-class _PartlyRead(pika.spec.BasicProperties):
+class _PartlyRead(pika.spec.BasicProperties):  # type: ignore[misc]  # pika's class is Any
     """Properties read as far as possible; ``unreadable`` says what was lost."""
 
     unreadable: str = ""
@@ -792,7 +845,8 @@ _PROPERTY_FIELDS: tuple[tuple[str, int, str], ...] = tuple(
 def _read_frame(buffer: bytes) -> tuple[int, Any]:
     """pika's frame decoder, except that a content header it refuses is read leniently."""
     try:
-        return pika.frame.decode_frame(buffer)
+        decoded: tuple[int, Any] = pika.frame.decode_frame(buffer)
+        return decoded
     except Exception as error:
         header = _salvage_header(buffer, error)
         if header is None:
@@ -887,7 +941,8 @@ def _read_value(encoded: bytes, offset: int, problems: list[str], name: str) -> 
             items.append(None if value is _UNREADABLE else value)
         return items, end
     try:
-        return pika.data.decode_value(encoded, offset)
+        decoded: tuple[Any, int] = pika.data.decode_value(encoded, offset)
+        return decoded
     except Exception as e:
         width = _FIXED_WIDTH.get(kind)
         if width is None:
@@ -947,7 +1002,7 @@ class _ChannelNumbers:
                 return number
         raise pika_exc.NoFreeChannels()
 
-    def opening(self, opened: Deferred) -> Deferred:
+    def opening(self, opened: Deferred[Any]) -> Deferred[Any]:
         """opened fires once the broker answered a channel.open sent now: what is held now is free then."""
         held = set(self.held)
 
