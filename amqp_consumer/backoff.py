@@ -21,7 +21,7 @@ class Backoff:
 
     def next(self) -> float:
         """The delay before the next attempt, 0.8 to 1.2 times min_delay * 2**attempts (capped)."""
-        delay = min(self.max_delay, self.min_delay * (2 ** min(self.attempts, 20)))
+        delay = min(self.max_delay, self.min_delay * (2.0 ** min(self.attempts, 20)))
         self.attempts += 1
         return delay * (0.8 + 0.4 * self._jitter())
 
