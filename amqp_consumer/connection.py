@@ -357,6 +357,7 @@ class Connector(Service):
         on_failure: Callable[[str], None],
         on_fatal: Callable[[Exception], None],
         rng: random.Random | None = None,
+        backoff: Backoff | None = None,
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -366,7 +367,8 @@ class Connector(Service):
         # Says what a lost connection was in the middle of, when that explains the loss
         # better than "connection lost" (the broker refusing the topology, say).
         self.explain_loss: Callable[[AMQPError], str | None] = lambda error: None
-        self._backoff = Backoff(config.reconnect_min_delay, config.reconnect_max_delay)
+        # Shared with the subscription's channel retries (one count for both), when given.
+        self._backoff = backoff or Backoff(config.reconnect_min_delay, config.reconnect_max_delay)
         self._planned: float | None = None
         self._rr = _RoundRobin(_targets(reactor, config, rng or random.Random()), reactor, self._plan_retry)
         self._service = ClientService(

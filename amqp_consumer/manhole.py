@@ -250,12 +250,12 @@ def namespace(daemon: Daemon) -> dict[str, Any]:
     def pause() -> Deferred:
         """Stop consuming on every queue (in-flight deliveries still finish); /ready says "paused"."""
         log.info("manhole: pausing consumption")
-        return defer.ensureDeferred(daemon.consumer.pause())
+        return defer.ensureDeferred(daemon.consumer.subscription.pause())
 
     def resume() -> Deferred:
         """Consume again after pause()."""
         log.info("manhole: resuming consumption")
-        return defer.ensureDeferred(daemon.consumer.resume())
+        return defer.ensureDeferred(daemon.consumer.subscription.resume())
 
     config = redacted_config(daemon.config)
     ns: dict[str, Any] = {

@@ -177,7 +177,8 @@ def copy_properties(
 class Settle(Protocol):
     """What the consumer does with an original once its copy is safe, or cannot be made so."""
 
-    running: bool
+    @property
+    def running(self) -> bool: ...
 
     def ack(self, d: Any) -> None: ...
     def requeue(self, d: Any) -> None: ...

@@ -90,10 +90,10 @@ def make_consumer(tmp_path: Path, workers: int = 1, queue_args: str = '{"x-consu
     c.dispatcher.submit = c.dispatcher._pending.append  # type: ignore[method-assign]  # waiting, never pumped
     c.startService()
     ch = FakeChannel()
-    c._session = FakeSession()  # type: ignore[assignment]
-    c._channel = ch  # type: ignore[assignment]
+    c.subscription._session = FakeSession()  # type: ignore[assignment]
+    c.subscription._channel = ch  # type: ignore[assignment]
     c.state.set_connection("connected")
-    c._tags["q"] = "ctag-0"
+    c.subscription._tags["q"] = "ctag-0"
     c.state.set_consuming("q", True)
     return reactor, c, ch
 
@@ -105,7 +105,7 @@ def record_opens(c: Consumer) -> list:
     async def fake_open(session: Any) -> None:
         opened.append(session)
 
-    c._open = fake_open  # type: ignore[method-assign]
+    c.subscription._open = fake_open  # type: ignore[method-assign]
     return opened
 
 
@@ -152,7 +152,7 @@ def test_a_timeout_cancel_returns_unstarted_work_and_consumes_again_only_when_th
     slow = receive(c, ch, 1, age=5.0, running=True)
     for tag in (2, 3, 4):
         receive(c, ch, tag, age=5.0)
-    c._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
+    c.subscription._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
 
     assert ch.sent == [("nack", 2, True), ("nack", 3, True), ("nack", 4, True)]  # each runs once, redelivered
     assert c.dispatcher._pending == []
@@ -178,7 +178,7 @@ def test_running_deliveries_within_the_limit_are_settled_before_the_queue_is_con
     reactor, c, ch = make_consumer(tmp_path, workers=2)
     receive(c, ch, 1, age=5.0)
     young = receive(c, ch, 2, age=1.0, running=True)
-    c._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
+    c.subscription._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
     assert ch.sent == [("nack", 1, True)]
     ch.answers["ctag-0"].callback(True)
     reactor.advance(1.0)
@@ -191,7 +191,7 @@ def test_running_deliveries_within_the_limit_are_settled_before_the_queue_is_con
 
 def test_a_cancel_with_nothing_outstanding_is_a_deleted_queue_not_a_timeout(tmp_path: Path, logged: list[str]) -> None:
     reactor, c, ch = make_consumer(tmp_path)
-    c._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
+    c.subscription._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
     assert c.metrics.ack_timeouts["q"] == 0
     assert any("cancelled our consumer on 'q' (queue deleted or its node failed)" in x for x in logged)
     assert c.state.readiness() == (False, "queue 'q': consumer cancelled by the broker")
@@ -203,7 +203,7 @@ def test_a_cancel_with_nothing_outstanding_is_a_deleted_queue_not_a_timeout(tmp_
 def test_after_a_deleted_queue_a_stuck_callback_does_not_hold_back_consuming(tmp_path: Path) -> None:
     reactor, c, ch = make_consumer(tmp_path)
     receive(c, ch, 1, age=0.5, running=True)  # far from the limit: not a timeout
-    c._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
+    c.subscription._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
     ch.answers["ctag-0"].callback(True)
     reactor.advance(1.0)
     assert ch.consumed == ["q"] and c.metrics.ack_timeouts["q"] == 0
@@ -212,7 +212,7 @@ def test_after_a_deleted_queue_a_stuck_callback_does_not_hold_back_consuming(tmp
 def test_an_unconfirmed_cancel_is_settled_by_a_new_channel(tmp_path: Path, logged: list[str]) -> None:
     reactor, c, ch = make_consumer(tmp_path)
     opened = record_opens(c)
-    c._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
+    c.subscription._cancelled(ch, "q", "ctag-0")  # type: ignore[arg-type]
     reactor.advance(31)  # no cancel-ok within 30 s
     assert not ch.is_open and len(opened) == 1 and ch.consumed == []
     assert any("did not confirm cancelling our consumer" in x for x in logged)
@@ -225,7 +225,7 @@ def test_a_timeout_channel_close_is_counted_and_reopens_once_a_worker_is_free(tm
     slow = receive(c, ch, 1, age=5.3, running=True)
     receive(c, ch, 2, age=5.3)
     ch.is_open = False
-    c._channel_closed(ch, c._session, ChannelClosed(406, TIMEOUT_CLOSE, by_broker=True))  # type: ignore[arg-type]
+    c.subscription._channel_closed(ch, c.subscription._session, ChannelClosed(406, TIMEOUT_CLOSE, by_broker=True))  # type: ignore[arg-type]
     assert c.dispatcher._pending == [] and len(c.inflight) == 0  # the broker has everything back
     assert c.dispatcher.running() == [slow]
     assert c.metrics.ack_timeouts["q"] == 1
@@ -242,7 +242,7 @@ def test_other_channel_closes_reopen_as_before(tmp_path: Path) -> None:
     opened = record_opens(c)
     receive(c, ch, 1, age=5.3, running=True)
     ch.is_open = False
-    c._channel_closed(ch, c._session, ChannelClosed(406, "PRECONDITION_FAILED - unknown delivery tag 9", True))  # type: ignore[arg-type]
+    c.subscription._channel_closed(ch, c.subscription._session, ChannelClosed(406, "PRECONDITION_FAILED - unknown delivery tag 9", True))  # type: ignore[arg-type]
     reactor.advance(1.0)
     assert len(opened) == 1 and c.metrics.ack_timeouts["q"] == 0
 

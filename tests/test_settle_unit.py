@@ -117,7 +117,7 @@ def test_classify_maps_exceptions_to_outcomes():
 
 def test_channel_retry_delay_grows_and_is_capped(consumer):
     _, c = consumer
-    delays = [c._next_retry_delay() for _ in range(12)]
+    delays = [c.subscription._next_retry_delay() for _ in range(12)]
     assert delays[0] <= 1.2 and delays[3] > delays[0]
     assert max(delays) <= 60 * 1.2
 
@@ -177,9 +177,9 @@ def connected_but_idle(c: Consumer) -> list:
     async def fake_open(session):
         opened.append(session)
 
-    c._open = fake_open  # type: ignore[method-assign]
+    c.subscription._open = fake_open  # type: ignore[method-assign]
     c.startService()
-    c._session = object()  # type: ignore[assignment]
+    c.subscription._session = object()  # type: ignore[assignment]
     c.state.set_connection("connected")
     c.state.set_consuming("q", False, "lost track")
     return opened
@@ -209,7 +209,7 @@ def test_a_pending_retry_or_a_pause_is_not_mistaken_for_being_stuck(consumer):
         reactor.advance(10)
     assert opened == []
     c.state.set_flag("paused", False)
-    c._retry_call = reactor.callLater(300, lambda: None)
+    c.subscription._retry_call = reactor.callLater(300, lambda: None)
     for _ in range(20):
         reactor.advance(10)
     assert opened == []
@@ -218,7 +218,7 @@ def test_a_pending_retry_or_a_pause_is_not_mistaken_for_being_stuck(consumer):
 def close(c: Consumer, ch: FakeChannel) -> None:
     """The channel closes (connection lost): the consumer's close listener runs."""
     ch.is_open = False
-    c._channel_closed(ch, None, ChannelClosed(0, "connection lost", False))  # type: ignore[arg-type]
+    c.subscription._channel_closed(ch, None, ChannelClosed(0, "connection lost", False))  # type: ignore[arg-type]
 
 
 def test_deliveries_of_a_closed_channel_are_no_longer_in_flight(consumer):
