@@ -14,6 +14,7 @@ import pytest
 
 from tests.support import brokers, rabbit43
 from tests.support.broker import SHARED_URL, Broker, unique
+from tests.support.logged_errors import expect_errors, logged_errors  # noqa: F401  (fixtures for every test)
 from tests.support.rabbitnode import RabbitNode, RabbitNodeError
 
 _PLAN = pytest.StashKey[brokers.BrokerPlan]()
