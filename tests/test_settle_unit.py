@@ -273,7 +273,7 @@ def test_reconnect_delay_keeps_growing_until_consuming_starts(consumer):
     assert connector._retry_delay(1) <= 1.2
 
 
-def test_a_failure_while_settling_one_delivery_does_not_stop_the_others(consumer):
+def test_a_failure_while_settling_one_delivery_does_not_stop_the_others(consumer, logged_errors):
     reactor, c = consumer
     ch = FakeChannel()
     ds = deliver(c, ch, [1, 2, 3])
@@ -286,3 +286,5 @@ def test_a_failure_while_settling_one_delivery_does_not_stop_the_others(consumer
     reactor.advance(0)
     assert ch.sent == [("nack", 2, True), ("ack", 3, True)]  # 2 goes back; 1 and 3 are acked
     assert len(c.inflight) == 0
+    [said] = logged_errors.flush(r"settling message tag:2 \(quarantine\) failed; it goes back to its queue")
+    assert "a bug in the quarantine path" in said
