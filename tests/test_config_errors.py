@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_load_gives_frozen_defaults(tmp_path: Path) -> None:
     c = load(p)
     assert (c.consumer.prefetch, c.consumer.workers, c.consumer.drain_timeout) == (100, 1, 30.0)
     assert c.amqp.heartbeat == 15 and c.health.listen == "tcp:9100:interface=127.0.0.1"
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.consumer.prefetch = 5  # type: ignore[misc]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -251,9 +250,7 @@ def test_ready_follows_the_broker_connection(tmp_path: Path, broker: Broker, que
 
     proxy.refuse(True)
     proxy.cut()
-    lost = time.monotonic()
-    status, doc = poll(lambda: (r := _ready(port))[0] == 503 and r, 5, "/ready 503 after losing the broker")
-    assert time.monotonic() - lost < 5
+    status, doc = poll(lambda: (r := _ready(port))[0] == 503 and r, 5, "/ready 503 within 5 s of losing the broker")
     assert doc["reason"].startswith("reconnecting since "), doc
     assert http(port, "/live")[0] == 200
     assert http_json(port, "/status")[1]["connection"]["state"] == "reconnecting"

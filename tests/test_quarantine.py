@@ -3,7 +3,6 @@ its copy lands in the quarantine queue, and the callback does not run again beca
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pika
@@ -63,9 +62,8 @@ def test_an_error_that_cannot_describe_itself_is_quarantined_and_the_rest_of_its
     daemons.append(d)
     wait_until(lambda: broker.depth(queue + ".quarantine") == 1, 20, what="quarantined")
     wait_until(lambda: len(read_rows(out_file)) == 4, 10, what="all four run")
-    began = time.monotonic()
     assert d.stop() == 0
-    assert time.monotonic() - began < 10, "nothing left in flight: no drain wait"
+    assert "draining: waiting" not in d.output  # nothing was left in flight
     assert broker.depth(queue) == 0  # the successes were acked, none came back
     (props, _), = broker.get_all(queue + ".quarantine")
     assert props.headers["amqp-consumer-exception"] == "Unprintable"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 
@@ -177,9 +176,8 @@ def test_daemon_notifies_ready_watchdog_and_stopping_without_a_broker(tmp_path: 
             daemons.append(d)
             ready = listener.wait_for(lambda m: "READY=1" in m.splitlines(), 15, "READY=1")
             assert "STATUS=connecting" in ready.splitlines()
-            start = time.monotonic()
-            listener.wait_for(lambda m: listener.lines().count("WATCHDOG=1") >= 4, 5, "four WATCHDOG=1")
-            assert time.monotonic() - start < 2.5  # 0.2 s apart
+            # Every 0.2 s: the interval itself is checked on a Clock above; here, that pings keep coming.
+            listener.wait_for(lambda m: listener.lines().count("WATCHDOG=1") >= 4, 10, "four WATCHDOG=1")
             d.send_signal(signal.SIGTERM)
             listener.wait_for(lambda m: "STOPPING=1" in m.splitlines(), 15, "STOPPING=1")
             assert d.wait(20) == 0

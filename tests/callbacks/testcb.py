@@ -39,6 +39,19 @@ def slow(message) -> None:
     _record(message, event="end", t=time.time(), start=start)
 
 
+_barriers: dict[int, threading.Barrier] = {}
+
+
+def meet(message) -> None:
+    """Waits until body['parties'] callbacks run at once (up to 20 s; then it raises and the message is
+    quarantined), recording each that met: concurrency shown without comparing clocks."""
+    parties = int(message.body["parties"])
+    with _lock:
+        barrier = _barriers.setdefault(parties, threading.Barrier(parties, timeout=20))
+    barrier.wait()
+    _record(message, event="met")
+
+
 class Unprintable(Exception):
     """An exception that cannot describe itself: its __str__ and __repr__ raise."""
 
