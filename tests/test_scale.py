@@ -82,8 +82,8 @@ def test_a_lost_connection_moves_on_to_the_next_url_and_status_names_the_node(tm
     first.start()
     second.start()
     try:
-        urls = ", ".join(f'"amqp://guest:guest@127.0.0.1:{p.port}/%2F"' for p in (first, second))
-        text = daemon_config(queue, url="unused", health=HEALTH_ANYWHERE).replace('urls = ["unused"]', f"urls = [{urls}]")
+        urls = [f"amqp://guest:guest@127.0.0.1:{p.port}/%2F" for p in (first, second)]
+        text = daemon_config(queue, url=urls, health=HEALTH_ANYWHERE)
         d = DaemonProcess(tmp_path / "d", text, env=env_for(TEST_OUT=str(out_file))).start()
         daemons.append(d)
         port = health_port(d)

@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -129,7 +129,7 @@ def daemon_config(
     queue: str,
     callback: str = "testcb:record",
     *,
-    url: str,
+    url: str | Sequence[str],
     heartbeat: int = 10,
     reconnect: tuple[float, float] = (0.2, 1.0),
     workers: int = 1,
@@ -143,11 +143,12 @@ def daemon_config(
     """A config with one queue, fast reconnects and health off unless asked; `extra` is appended.
 
     `url` is the broker fixture's (or a node's or a proxy's) URL: never the shared broker's by default, so a test
-    parametrised over brokers talks to the one its id names.
+    parametrised over brokers talks to the one its id names. A list gives several (a cluster's nodes).
     """
+    urls = ", ".join(f'"{u}"' for u in ([url] if isinstance(url, str) else url))
     return f"""
 [amqp]
-urls = ["{url}"]
+urls = [{urls}]
 heartbeat = {heartbeat}
 reconnect_min_delay = {reconnect[0]!r}
 reconnect_max_delay = {reconnect[1]!r}
