@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-systemd venv broker rpm bench soak clean
+.PHONY: run test test-systemd test-cluster venv broker rpm bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: venv broker
 # The RPM installed into a booted systemd container (root, systemd-nspawn, debootstrap; see README).
 test-systemd: venv broker rpm
 	$(PY) -m pytest tests/systemd_container
+
+# Three RabbitMQ 4.3 nodes in a cluster, a node and a daemon killed (tests/cluster; see README).
+test-cluster: venv
+	AMQP_CONSUMER_BROKERS=4.3 $(PY) -m pytest tests/cluster -p no:randomly
 
 rpm: venv
 	PYTHON=$(PY) packaging/rpm/build.sh
