@@ -62,12 +62,22 @@ class Unprintable(Exception):
         raise RuntimeError("__repr__ is broken")
 
 
+def slow_first_time(message) -> None:
+    """Sleeps body['sleep'] seconds on a first delivery only: a callback that outlives the
+    consumer ack timeout once, then runs quickly when the broker delivers the message again."""
+    _record(message, event="start", t=time.time())
+    if not message.redelivered:
+        time.sleep(float(message.body.get("sleep", 0)))
+
+
 def outcomes(message) -> None:
-    """body['do'] picks the outcome: ack, nack-once, drop, halt, raise, raise-unprintable."""
+    """body['do'] picks the outcome: ack, nack-once, hang-once (until killed), drop, halt, raise, raise-unprintable."""
     do = message.body.get("do", "ack")
     _record(message, do=do)
     if do == "nack-once" and not message.redelivered:
         raise Nack()
+    if do == "hang-once" and not message.redelivered:
+        time.sleep(600)
     if do == "drop":
         raise Drop()
     if do == "halt":
