@@ -1,5 +1,9 @@
 """One log line per event, as text or JSON, on stdout (systemd's journal adds time and unit).
 
+When stdout is the journal's stream, each line starts with the syslog priority
+(``<3>`` for an error), which journald strips and records as the entry's
+PRIORITY, so ``journalctl -p err`` finds the daemon's errors.
+
 twistd asks for a log observer factory by dotted name (``--logger``); twist
 takes a factory of file observers and a level from its own options. The
 plugin's option parser hands either runner this module's observer after
@@ -16,7 +20,7 @@ import re
 import sys
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
-from typing import IO, Any, MutableMapping
+from typing import IO, Any, Mapping, MutableMapping
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -41,6 +45,8 @@ _LEVELS = {
     "critical": LogLevel.critical,
 }
 _STD_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR, "critical": logging.CRITICAL}
+# syslog priorities, as sd-daemon(3) prefixes and journald's stream reads them.
+_PRIORITIES = {LogLevel.debug: 7, LogLevel.info: 6, LogLevel.warn: 4, LogLevel.error: 3, LogLevel.critical: 2}
 _NAMES = {LogLevel.debug: "DEBUG", LogLevel.info: "INFO", LogLevel.warn: "WARNING", LogLevel.error: "ERROR", LogLevel.critical: "CRITICAL"}
 
 
@@ -50,7 +56,7 @@ class LogSettings:
     format: str = "text"
     pika_level: str = "warn"
     logfile: str = ""
-    timestamps: bool = True
+    timestamps: bool = True  # on text lines, unless they go to the journal (which stamps them itself)
 
 
 _settings = LogSettings()
@@ -63,10 +69,11 @@ def configure(settings: LogSettings) -> None:
 
 @implementer(ILogObserver)
 class LineObserver:
-    def __init__(self, stream: IO[str], fmt: str, timestamps: bool) -> None:
+    def __init__(self, stream: IO[str], fmt: str, timestamps: bool, priorities: bool = False) -> None:
         self._stream = stream
         self._json = fmt == "json"
         self._timestamps = timestamps
+        self._priorities = priorities
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
@@ -99,11 +106,37 @@ class LineObserver:
             if self._timestamps:
                 stamp = datetime.fromtimestamp(event.get("log_time", 0)).isoformat(sep=" ", timespec="milliseconds")
                 line = f"{stamp} {line}"
+        if self._priorities:
+            # JSON lines get the prefix too: journald strips it, so the journal's
+            # MESSAGE is still one JSON object. A traceback's lines each become an
+            # entry of their own, so each carries the priority.
+            line = journal_prefix(level) + line.replace("\n", "\n" + journal_prefix(level))
         try:
             self._stream.write(line + "\n")
             self._stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def journal_prefix(level: LogLevel) -> str:
+    """The syslog priority prefix journald's stream understands (SyslogLevelPrefix=, on by default)."""
+    return f"<{_PRIORITIES.get(level, 6)}>"
+
+
+def is_journal(stream: IO[str], environ: Mapping[str, str] | None = None) -> bool:
+    """True when stream is systemd's journal stream: $JOURNAL_STREAM names its device and inode.
+
+    systemd sets the variable for a service's stdout (or stderr), and it is
+    inherited; comparing the stream's own fstat() with it tells a journal from
+    a file or pipe the output was redirected to.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return st.st_dev == int(device) and st.st_ino == int(inode)
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def _is_handshake_noise(failure: Failure) -> bool:
@@ -166,7 +199,8 @@ def make_observer(settings: LogSettings | None = None, stream: IO[str] | None = 
     predicates: list[ILogFilterPredicate] = [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[s.level])]
     if s.level != "debug":
         predicates.insert(0, _twisted_chatter)
-    return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps), predicates)
+    journal = is_journal(stream)
+    return FilteringLogObserver(LineObserver(stream, s.format, s.timestamps and not journal, journal), predicates)
 
 
 def use_for_runner(runner_options: MutableMapping[str, Any] | None, settings: LogSettings) -> None:
@@ -189,8 +223,3 @@ def use_for_runner(runner_options: MutableMapping[str, Any] | None, settings: Lo
 def twistd_observer() -> ILogObserver:
     """The factory twistd calls (named by --logger)."""
     return make_observer()
-
-
-def default_timestamps() -> bool:
-    """The journal stamps every line itself."""
-    return "JOURNAL_STREAM" not in os.environ

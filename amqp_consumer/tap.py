@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 from amqp_consumer import exitcodes, logs
@@ -18,7 +19,9 @@ from amqp_consumer.dispatch import CallbackInitError, instantiate, load_callback
 
 
 def _die(line: str, code: int) -> None:
-    print(f"amqp-consumer: {line}", file=sys.stderr, flush=True)
+    # Critical, like the daemon's own "stopping: ..." line, for journalctl -p err.
+    prefix = logs.journal_prefix(LogLevel.critical) if logs.is_journal(sys.stderr) else ""
+    print(f"{prefix}amqp-consumer: {line}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
@@ -56,9 +59,7 @@ class Options(usage.Options):
             print(f"amqp-consumer: {self['config']}: OK (callback {self.config.consumer.callback}; queues: {queues})")
             raise SystemExit(exitcodes.OK)
         lc = self.config.logging
-        settings = logs.LogSettings(
-            level=lc.level, format=lc.format, pika_level=lc.pika_level, timestamps=logs.default_timestamps()
-        )
+        settings = logs.LogSettings(level=lc.level, format=lc.format, pika_level=lc.pika_level)
         logs.use_for_runner(getattr(self, "parent", None), settings)
 
 

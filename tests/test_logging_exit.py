@@ -132,6 +132,47 @@ def test_handshake_noise_from_legacy_log_err_is_one_warning(stdlib_logging, expe
     assert out.getvalue() == "WARNING log_legacy: connection dropped during the AMQP handshake; retrying\n"
 
 
+def journal_env(path: Path) -> dict[str, str]:
+    """$JOURNAL_STREAM as systemd sets it when path is the journal's stream: "device:inode"."""
+    st = path.stat()
+    return {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+
+
+@pytest.mark.parametrize("where", ["stdout", "elsewhere", "unset"])
+def test_lines_to_the_journal_carry_the_syslog_priority(stdlib_logging, tmp_path: Path, monkeypatch, where: str) -> None:
+    """journald reads "<3>" as priority err: journalctl -p err shows the daemon's errors."""
+    out, other = tmp_path / "stdout", tmp_path / "other"
+    other.touch()
+    with open(out, "w") as stream:
+        monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+        if where != "unset":
+            monkeypatch.setenv("JOURNAL_STREAM", journal_env(out if where == "stdout" else other)["JOURNAL_STREAM"])
+        for fmt in ("text", "json"):
+            log = Logger(namespace="x", observer=logs.make_observer(logs.LogSettings(level="debug", format=fmt), stream))
+            log.debug("d")
+            log.info("i")
+            log.warn("w")
+            try:
+                1 / 0
+            except ZeroDivisionError:
+                log.failure("e")
+            log.critical("c")
+    lines = out.read_text().splitlines()
+    text, json_lines = lines[: len(lines) - 5], lines[len(lines) - 5 :]
+    if where == "stdout":
+        # No timestamp: the journal records one.
+        assert text[:3] == ["<7>DEBUG x: d", "<6>INFO x: i", "<4>WARNING x: w"]
+        assert text[3] == "<2>CRITICAL x: e" and text[-1] == "<2>CRITICAL x: c"
+        assert text[4] == "<2>Traceback (most recent call last):"
+        assert all(line.startswith("<2>") for line in text[3:]), text  # every line of the traceback
+        assert [line[:3] for line in json_lines] == ["<7>", "<6>", "<4>", "<2>", "<2>"]
+        assert [json.loads(line[3:])["level"] for line in json_lines] == ["DEBUG", "INFO", "WARNING", "CRITICAL", "CRITICAL"]
+    else:
+        assert not any(line.startswith("<") for line in lines), lines
+        assert LINE.match(text[0]) and text[0].endswith(" DEBUG x: d"), text
+        assert [json.loads(line)["level"] for line in json_lines][-1] == "CRITICAL"
+
+
 # --- the daemon ------------------------------------------------------------------------------------
 
 
@@ -275,6 +316,29 @@ def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, b
     assert "Traceback" not in out
     reasons = [line for line in out.splitlines() if " CRITICAL " in line]
     assert len(reasons) == 1 and "refused" in reasons[0] and "(exit status 77)" in reasons[0], out
+
+
+def test_the_exit_77_line_reaches_the_journal_as_critical(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+    d = DaemonProcess(tmp_path / "d", config(queue, url=broker.url.replace(":guest@", f":{PASSWORD}@")))
+    d.log_path.touch()
+    d.env.update(journal_env(d.log_path))
+    d.start()
+    daemons.append(d)
+    assert d.wait(8) == exitcodes.NOPERM, d.output
+    lines = d.output.splitlines()
+    critical = [line for line in lines if "CRITICAL" in line]
+    assert len(critical) == 1 and critical[0].startswith("<2>CRITICAL amqp_consumer.daemon: stopping: the broker refused"), lines
+    assert all(re.match(r"<[2-7]>[A-Z]+ [\w.]+: ", line) for line in lines), lines
+
+
+def test_the_exit_78_line_on_stderr_reaches_the_journal_as_critical(tmp_path: Path) -> None:
+    bad = DaemonProcess(tmp_path / "bad", config("q", url=NO_BROKER, extra='[logging]\nformat = "xml"\n'))
+    err = tmp_path / "stderr"
+    err.touch()
+    with open(err, "r+b") as stream:
+        result = subprocess.run(bad.command(), cwd=bad.workdir, env={**bad.env, **journal_env(err)}, stderr=stream, timeout=60)
+    assert result.returncode == exitcodes.CONFIG
+    assert err.read_text().startswith("<2>amqp-consumer: config error: "), err.read_text()
 
 
 def test_port_announcements_are_left_to_debug_level() -> None:
