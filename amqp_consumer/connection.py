@@ -444,28 +444,46 @@ class Connector(Service):
             session.closed.addCallback(self._lost, session)
             self._on_session(session)
 
-        def failed(f: Failure) -> Failure:
+        def failed(f: Failure) -> Failure | None:
             if timer.active():
                 timer.cancel()
             error = _translate(f)
             refused = _refused_at_login(error)
             if refused is not None:
                 log.error("{url}: {why}", url=self.target, why=refused)
+                self._give_up(ready)
                 self._on_fatal(refused)
-            else:
-                log.warn(
-                    "AMQP handshake with {url} failed: {why}; retrying in {delay:.1f} s",
-                    url=self.target,
-                    why=error,
-                    delay=self._plan_retry(),
-                )
-                self._on_failure(str(error))
+                return None
+            log.warn(
+                "AMQP handshake with {url} failed: {why}; retrying in {delay:.1f} s",
+                url=self.target,
+                why=error,
+                delay=self._plan_retry(),
+            )
+            self._on_failure(str(error))
             self._rr.advance()
             if proto.transport is not None:
                 proto.transport.loseConnection()
             return f
 
         return ready.addCallbacks(opened, failed)
+
+    def _give_up(self, ready: Deferred[Any]) -> None:
+        """Stop ClientService after a refused login, with no retry and no NoTransition error.
+
+        A failed prepareConnection sends ClientService to "Waiting" (it plans a
+        retry), and the socket closing afterwards is an input no state but
+        Connected or Disconnecting takes (automat's NoTransition, logged as an
+        unhandled error). So the handshake ends as a success for ClientService
+        (the caller returns None), and this callback, added behind the ones
+        ClientService chained on ``ready``, stops it once it counts as
+        connected: it closes the socket and ends in Stopped.
+        """
+
+        def stop(_: Any) -> None:
+            self._service.stopService()
+
+        ready.addCallback(stop)
 
     def _lost(self, reason: Exception | None, session: Session) -> None:
         if self.session is session:

@@ -13,6 +13,7 @@ from amqp_consumer.config import Config
 from amqp_consumer.consumer import Consumer, queue_label
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
+from amqp_consumer.redact import redact
 from amqp_consumer.state import State
 
 log = Logger(namespace="amqp_consumer.daemon")
@@ -37,6 +38,7 @@ class Daemon(MultiService):
         if self.fatal_code is None:
             self.fatal_code = code
             log.critical("stopping: {why} (exit status {code})", why=why, code=code)
+            self.state.set_stop_reason(redact(why))
             self.on_exit(code)
 
     def stopService(self) -> Deferred:

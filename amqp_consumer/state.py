@@ -62,6 +62,9 @@ class State:
         self.paused = False
         self.draining = False
         self.halted = False
+        # Why the daemon stops on its own with an error status (Daemon.fatal): the
+        # last STATUS= a failed unit keeps, and /ready's reason until then.
+        self.stop_reason = ""
         self.blocked = False
         self.blocked_reason = ""
         self.reconnects = 0
@@ -121,6 +124,10 @@ class State:
         setattr(self, name, value)
         self._changed()
 
+    def set_stop_reason(self, why: str) -> None:
+        self.stop_reason = why
+        self._changed()
+
     def set_blocked(self, blocked: bool, reason: str) -> None:
         self.blocked = blocked
         self.blocked_reason = reason
@@ -128,6 +135,9 @@ class State:
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not); ready means connected and consuming on every configured queue."""
+        if self.stop_reason:
+            # "closed" is the consumer's last step on stop: the connection is gone.
+            return False, f"{'stopped' if self.connection == 'closed' else 'stopping'}: {self.stop_reason}"
         if self.halted:
             return False, "halted"
         if self.draining:

@@ -3,7 +3,8 @@
 Active only when systemd set ``$NOTIFY_SOCKET`` (``Type=notify`` units).
 READY=1 goes out as soon as the services are up, not when the broker answers:
 a broker outage must not fail the unit's start. STATUS= follows the state's
-one-line summary, sent only when it changes. WATCHDOG=1 is sent every half
+one-line summary, sent only when it changes; after a fatal error the last one
+says why the daemon stopped, which the failed unit keeps. WATCHDOG=1 is sent every half
 ``$WATCHDOG_USEC`` from a reactor timer, so a stuck reactor stops the pings
 and systemd restarts the daemon.
 """
@@ -122,8 +123,12 @@ class SystemdNotify(Service):
 
     def _send_stopping(self) -> None:
         self._stopping_sent = True
-        self._last_status = self.state.summary()
-        self.notifier.send("STOPPING=1", f"STATUS={self._last_status}")
+        status = self.state.summary()
+        if status == self._last_status:
+            self.notifier.send("STOPPING=1")
+            return
+        self._last_status = status
+        self.notifier.send("STOPPING=1", f"STATUS={status}")
 
     def stopService(self) -> None:
         if not self._stopping_sent:

@@ -157,6 +157,21 @@ def test_stopping_on_stop_without_a_drain() -> None:
     assert rec.sent[-1][0] == "STOPPING=1"
 
 
+def test_a_fatal_stop_leaves_its_reason_as_the_last_status() -> None:
+    """A unit that failed keeps its last STATUS=: it says why, not "draining"."""
+    _clock, state, rec, svc = make(watchdog=None)
+    svc.startService()
+    state.set_stop_reason("the broker refused our credentials")  # what Daemon.fatal does
+    state.set_flag("draining", True)
+    state.set_connection("closed", "stopped")
+    svc.stopService()
+    assert rec.sent[1:] == [
+        ("STATUS=stopping: the broker refused our credentials",),
+        ("STOPPING=1",),
+        ("STATUS=stopped: the broker refused our credentials",),
+    ]
+
+
 # --- the daemon, with a real notify socket ---------------------------------------------------
 
 
@@ -202,5 +217,27 @@ def test_daemon_status_lines_on_an_abstract_socket(tmp_path: Path, broker: Broke
         assert all(a != b for a, b in zip(statuses, statuses[1:])), statuses
         assert "WATCHDOG=1" not in listener.lines()  # not asked for
         assert "guest:guest" not in "".join(listener.datagrams)
+    finally:
+        listener.close()
+
+
+def test_refused_login_claims_no_retry_and_its_last_status_says_why(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+    password = "wrong-pw-4242"
+    listener = NotifySocket()
+    try:
+        url = broker.url.replace(":guest@", f":{password}@")
+        text = config(url, queue) + '[logging]\nlevel = "debug"\n'  # Twisted's "Scheduling retry" shows at debug
+        d = DaemonProcess(tmp_path / "d", text, env=env_for(NOTIFY_SOCKET=listener.address))
+        d.start()
+        daemons.append(d)
+        assert d.wait(10) == 77, d.output
+        while listener.receive(0.2) is not None:
+            pass
+        out = d.output
+        after = out[out.index(" CRITICAL amqp_consumer.daemon: stopping: the broker refused") :]
+        assert "retry" not in after.lower() and "Traceback" not in after, out
+        statuses = [line for line in listener.lines() if line.startswith("STATUS=")]
+        assert statuses[-1].startswith("STATUS=stopped: the broker refused "), statuses
+        assert password not in "".join(listener.datagrams) and password not in out
     finally:
         listener.close()
