@@ -425,6 +425,14 @@ def test_bad_config_and_refused_credentials_fail_once_without_restarts(box, amqp
         status = box.run("systemctl", "status", "--no-pager", refused.unit, check=False).stdout
         assert re.search(r"CRITICAL amqp_consumer.daemon: stopping: the broker refused .+ \(exit status 77\)\n", status), status
         assert "not-the-password" not in status and "not-the-password" not in refused.journal()
+        # The daemon's lines carry their priority: journalctl -p err shows why each one stopped,
+        # and not its info lines; the failed unit's status text says why too.
+        errors = box.journal("-p", "err", "-u", refused.unit)
+        assert re.search(r"CRITICAL amqp_consumer.daemon: stopping: the broker refused .+ \(exit status 77\)\n", errors), errors
+        assert "connecting to" not in errors, errors
+        assert refused.show("StatusText")["StatusText"].startswith("stopped: the broker refused "), refused.show("StatusText")
+        errors = box.journal("-p", "err", "-u", broken.unit)
+        assert f"amqp-consumer: config error: {broken.config}: consumer.prefetch: expected a whole number" in errors, errors
     finally:
         broken.stop()
         refused.stop()
