@@ -1,4 +1,4 @@
-"""connection.py without a broker: pika's errors in our words, channel close and cancel, URL rotation.
+"""connection.py without a broker: pika's errors in our words, channel close and cancel, URL rotation, a refused login.
 
 A fake pika channel stands in for the broker's side; the broker-backed tests
 (test_consume, test_channel_recovery, test_refusals) show the same paths end to end.
@@ -13,16 +13,20 @@ import pytest
 from pika import exceptions as pika_exc
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from amqp_consumer.config import AMQPConfig
 from amqp_consumer.connection import (
     AccessRefused,
     AMQPError,
     Channel,
     ChannelClosed,
     ConnectionClosed,
+    Connector,
     PublishFailed,
     Unroutable,
     _refused_at_login,
@@ -251,3 +255,51 @@ def test_each_failed_attempt_moves_to_the_next_url_and_wraps_around() -> None:
     assert rr.current.display == "amqp://node3/" and len(delays) == 2
     rr.advance()
     assert rr.current.display == "amqp://node1/"  # after the last URL, the first again
+
+
+# --- a login the broker refuses ---------------------------------------------------------------
+
+
+class HandshakeEndpoint:
+    """Connects at once to a StringTransport; the test then plays the broker's answer."""
+
+    def __init__(self) -> None:
+        self.protocols: list[Any] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        proto = factory.buildProtocol(None)  # ClientService's proxy around our _Protocol
+        proto.makeConnection(StringTransport())
+        self.protocols.append(proto)
+        return defer.succeed(proto)
+
+
+@pytest.mark.parametrize("lost_first", [False, True], ids=["refused-then-closed", "closed-while-refusing"])
+def test_a_refused_login_stops_reconnecting_with_nothing_left_to_retry(lost_first: bool) -> None:
+    """No retry planned or logged, no NoTransition from ClientService, one fatal call."""
+    reactor = MemoryReactorClock()
+    fatal: list[Exception] = []
+    failures: list[str] = []
+    connector = Connector(reactor, AMQPConfig(urls=("amqp://u:p@h:5672/%2F",)), lambda s: None, failures.append, fatal.append)
+    endpoint = HandshakeEndpoint()
+    connector._rr._targets[0] = _Target("amqp://u:***@h:5672/%2F", "h:5672", endpoint, connector._rr.current.params)  # type: ignore[arg-type]
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        connector.startService()
+        [proxy] = endpoint.protocols
+        pika_proto = proxy._protocol
+        ready, pika_proto.ready = pika_proto.ready, None
+        refusal = Failure(pika_exc.ConnectionClosedByBroker(403, "ACCESS_REFUSED - Login was refused"))
+        if lost_first:
+            # pika fails `ready` from inside connectionLost, before ClientService hears of the loss
+            pika_proto.connectionLost = lambda reason: ready.errback(refusal)
+        else:
+            ready.errback(refusal)
+        proxy.connectionLost(Failure(ConnectionDone()))  # would raise automat's NoTransition
+        reactor.advance(120)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [str(e) for e in fatal] == ["the broker refused access: 403 ACCESS_REFUSED - Login was refused"]
+    assert failures == [] and len(endpoint.protocols) == 1  # never tried again
+    assert not reactor.getDelayedCalls()
+    assert not [e for e in events if "retry" in str(e.get("log_format", "")).lower() or e.get("isError")], events
