@@ -376,7 +376,9 @@ def test_stop_drains_the_message_in_flight_and_exits_0(box, amqp: Broker) -> Non
         # STOPPING=1 and the drain's status line while the callback runs.
         wait_until(lambda: instance.show("ActiveState")["ActiveState"] == "deactivating", 10, interval=0.2,
                    what="ActiveState=deactivating")
-        assert "draining" in instance.show("StatusText")["StatusText"]
+        # systemd shows deactivating as soon as it sends SIGTERM; the daemon's STATUS= follows.
+        wait_until(lambda: "draining" in instance.show("StatusText")["StatusText"], 10, interval=0.2,
+                   what="StatusText draining")
         output, _ = stopping.communicate(timeout=TIMEOUT_STOP_SEC + 30)
         took = time.monotonic() - began
         assert stopping.returncode == 0, output
