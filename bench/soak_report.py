@@ -12,6 +12,7 @@ import json
 import re
 import statistics
 from collections import Counter, defaultdict
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -164,8 +165,29 @@ def _cause(prev: dict[str, Any], this: dict[str, Any], events: list[Disruption])
         if e.what == "node kill" or settled is None or settled >= e.t - ACK_GRACE:
             return e.what, e.t < prev["t"] - ACK_GRACE
     if prev.get("result") == "raise":
-        return "callback re-run after its quarantine copy failed", False
+        return "unexplained after the callback raised (a quarantine retry?)", False
     return "unexplained", False
+
+
+def _copies_cause(copies: list[dict[str, Any]], events: list[Disruption]) -> str:
+    """Why a message was quarantined more than once: a disruption between its first copy and its last.
+
+    The original is acked only after the broker confirmed its copy, so a
+    channel or connection lost in between (or a node killed before the ack
+    was stored) quarantines it again when it comes back: a duplicate, never a loss.
+    """
+    times = []
+    for headers in copies:
+        with suppress(KeyError, TypeError, ValueError):
+            times.append(datetime.fromisoformat(str(headers["amqp-consumer-quarantined-at"])).timestamp())
+    if len(times) < 2:
+        return "unexplained"
+    # quarantined-at has whole seconds
+    first, last = min(times) - 1, max(times) + 1
+    for e in events:
+        if first <= e.t <= last:
+            return e.what
+    return "unexplained"
 
 
 def reconcile(inp: Inputs, consumer_timeout: float) -> dict[str, Any]:
@@ -211,6 +233,7 @@ def reconcile(inp: Inputs, consumer_timeout: float) -> dict[str, Any]:
     quarantine_copies_extra = 0
     unfinished_runs = 0
     stale_runs = 0
+    copy_causes: Counter[str] = Counter()
 
     def problem(sid: str, what: str, **detail: Any) -> None:
         problems.append({"sid": sid, "kind": published[sid]["kind"], "problem": what, **detail})
@@ -257,7 +280,10 @@ def reconcile(inp: Inputs, consumer_timeout: float) -> dict[str, Any]:
                 problem(sid, "quarantined copy lacks headers", headers=sorted(map(str, copy))[:30])
             if in_q > 1:
                 quarantine_copies_extra += in_q - 1
-                problem(sid, "quarantined more than once", copies=in_q)
+                cause = _copies_cause([f.headers for f in found_by_sid[sid] if f.queue == "quarantine"], events)
+                copy_causes[cause] += in_q - 1
+                if cause == "unexplained":
+                    problem(sid, "quarantined more than once", copies=in_q)
 
         for prev, this in zip(its_runs, its_runs[1:]):
             cause, stale = _cause(prev, this, events)
@@ -271,7 +297,7 @@ def reconcile(inp: Inputs, consumer_timeout: float) -> dict[str, Any]:
             dup_causes[cause] += 1
             if len(dup_examples[cause]) < 10:
                 dup_examples[cause].append(sid)
-            if cause.startswith(("unexplained", "first delivery ran", "callback re-run")):
+            if cause.startswith(("unexplained", "first delivery ran")):
                 problem(sid, f"ran again: {cause}", runs=[_run_text(r) for r in its_runs])
 
     slow_runs = [r for rs in runs.values() for r in rs if r["result"] == "ok-slow" and r["end_t"] is not None]
@@ -293,6 +319,7 @@ def reconcile(inp: Inputs, consumer_timeout: float) -> dict[str, Any]:
         "rerun_examples": dict(dup_examples),
         "runs_started_after_their_channel_died": stale_runs,
         "quarantine_copies_extra": quarantine_copies_extra,
+        "quarantine_copies_extra_causes": dict(copy_causes),
         "strangers": strangers[:50],
         "disruptions": dict(Counter(e.what for e in events)),
         "daemon_warnings": log_summary(inp.daemon_log),
@@ -327,15 +354,23 @@ def rss_summary(samples: list[dict[str, Any]], bound_mb: float) -> dict[str, Any
     }
 
 
-def ready_summary(polls: list[dict[str, Any]], kills: list[dict[str, float]], grace: float) -> dict[str, Any]:
-    """How often /ready said 200, and every 200 given while the node was down (a lie)."""
+def ready_summary(
+    polls: list[dict[str, Any]], kills: list[dict[str, float]], grace: float, settle: float
+) -> dict[str, Any]:
+    """How often /ready said 200, and every 200 given while the node was down (a lie).
+
+    The share of 200s "with the node up" leaves out each outage from the kill
+    until `settle` seconds after the node answered again (its boot, and the
+    daemon's reconnect backoff): it is the daemon's own readiness that is judged.
+    """
     down = [(k["killed_done"] + grace, k["restart_begin"]) for k in kills if "restart_begin" in k]
+    outages = [(k["killed"], k.get("restart_done", k["killed"]) + settle) for k in kills]
     answered = [p for p in polls if p["status"] is not None]
     violations = [
         p for p in answered
         if p["status"] == 200 and any(a <= p["t0"] and p["t1"] <= b for a, b in down)
     ]
-    up_polls = [p for p in answered if not any(a <= p["t0"] <= b for a, b in down)]
+    up_polls = [p for p in answered if not any(a <= p["t0"] <= b for a, b in outages)]
     return {
         "polls": len(polls),
         "no_answer": len(polls) - len(answered),
@@ -344,4 +379,5 @@ def ready_summary(polls: list[dict[str, Any]], kills: list[dict[str, float]], gr
         "violations": len(violations),
         "violation_times": [datetime.fromtimestamp(p["t0"]).isoformat(timespec="milliseconds") for p in violations[:20]],
         "grace_seconds": grace,
+        "settle_seconds": settle,
     }

@@ -139,6 +139,27 @@ def test_an_ack_waits_for_the_rest_of_its_batch(tmp_path):
     assert r["runs_started_after_their_channel_died"] == 1  # s2's first run, 10 s after the close
 
 
+def test_a_second_quarantined_copy_needs_a_disruption_between_the_copies(tmp_path):
+    def copy(sid: str, at: float) -> Found:
+        found = quarantined(sid, "ValueError", "raise")
+        found.headers["amqp-consumer-quarantined-at"] = datetime.fromtimestamp(T0 + at, tz=timezone.utc).isoformat(timespec="seconds")
+        return found
+
+    pub = published(("s1", "raise"), ("s2", "raise"))
+    runs = run("s1", 10, 10.1, "raise") + run("s1", 40, 40.1, "raise", redelivered=True)
+    runs += run("s2", 60, 60.1, "raise", thread="w2") + run("s2", 90, 90.1, "raise", redelivered=True, thread="w2")
+    # s1: the node was killed just after its copy was confirmed, before the ack was stored
+    kills = [{"killed": T0 + 10.2, "killed_done": T0 + 10.4, "restart_begin": T0 + 15, "restart_done": T0 + 30}]
+    found = [copy("s1", 10), copy("s1", 40), copy("s2", 60), copy("s2", 90)]
+    r = reckon(tmp_path, pub, runs, found, kills=kills)
+    assert r["quarantine_copies_extra"] == 2
+    assert r["quarantine_copies_extra_causes"] == {"node kill": 1, "unexplained": 1}
+    assert [(p["sid"], p["problem"]) for p in r["problems"]] == [
+        ("s2", "quarantined more than once"),
+        ("s2", "ran again: unexplained after the callback raised (a quarantine retry?)"),
+    ]
+
+
 def test_a_quarantined_message_is_found_by_the_id_in_its_body():
     assert soak_report.sid_of(None, {}, b'{"sid": "s0000042", "do": "ok", broken') == "s0000042"
     assert soak_report.sid_of(b"s7", {}, b"") == "s7"
@@ -157,8 +178,9 @@ def test_a_200_from_ready_while_the_node_is_down_is_a_violation():
         {"t0": 100.6, "t1": 100.7, "status": 200},  # within the grace after the kill: the daemon may not know yet
         {"t0": 105.0, "t1": 105.1, "status": 503},
         {"t0": 106.0, "t1": 106.1, "status": 200},  # a lie
-        {"t0": 120.0, "t1": 120.1, "status": 200},
+        {"t0": 120.0, "t1": 120.1, "status": 503},  # reconnecting after the restart
+        {"t0": 130.0, "t1": 130.1, "status": 200},
     ]
-    summary = soak_report.ready_summary(polls, kills, grace=1.0)
+    summary = soak_report.ready_summary(polls, kills, grace=1.0, settle=10.0)
     assert summary["violations"] == 1
-    assert summary["ready_200_share_node_up"] == 1.0
+    assert summary["ready_200_share_node_up"] == 1.0  # only the poll at 130 s is after the outage
