@@ -114,3 +114,15 @@ def test_without_4_3_the_run_narrows_and_says_why(monkeypatch: pytest.MonkeyPatc
     plan = brokers.plan({})
     assert plan.versions == ("3.10",) and not plan.required
     assert plan.header() == "brokers: RabbitMQ 3.10; RabbitMQ 4.3 left out: needs root (chroot) (3.10 only)"
+
+
+def test_node_folders_left_by_a_dead_test_run_are_swept(tmp_path: Path) -> None:
+    nodes = tmp_path / rabbit43.NODES
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, owner in (("gone-1", dead.pid), ("mine-1", os.getpid())):
+        (nodes / name / "mnesia").mkdir(parents=True)
+        (nodes / name / "owner").write_text(f"{owner}\n")
+    (nodes / "starting-1").mkdir()  # no owner yet: being created
+    rabbit43.sweep_stale_nodes(tmp_path)
+    assert sorted(p.name for p in nodes.iterdir()) == ["mine-1", "starting-1"]
