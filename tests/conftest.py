@@ -2,7 +2,8 @@
 RabbitMQ 4.3 node of this run (tests/support/rabbit43.py); private nodes for tests that stop one.
 
 Every test that uses a broker (``broker``, ``queue``, ``private_node``, ``running_node``, ``rabbit_nodes``...) runs
-once per broker of the run, named ``[rabbitmq-3.10]`` / ``[rabbitmq-4.3]``, unless marked ``single_broker``.
+once per broker of the run, named ``[rabbitmq-3.10]`` / ``[rabbitmq-4.3]``, unless marked ``single_broker`` (not about
+the broker: 3.10 only, no id) or ``broker_only("4.3")`` (a behaviour of that broker alone).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tests.support.logged_errors import expect_errors, logged_errors  # noqa: F4
 from tests.support.rabbitnode import RabbitNode, RabbitNodeError
 
 _PLAN = pytest.StashKey[brokers.BrokerPlan]()
+_BUILD = pytest.StashKey[rabbit43.BackgroundBuild]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,6 +43,25 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_line(config.stash[_PLAN].header())
 
 
+def _version(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("broker_version") if callspec else None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A 4.3 root that has to be built is built in the background while the tests before the 4.3 ones run."""
+    config = session.config
+    if config.option.collectonly or not any(_version(item) == "4.3" for item in session.items):
+        return
+    if rabbit43.root_ready() or rabbit43.why_unavailable() is not None:
+        return  # nothing to build, or the fixture says why not
+    config.pluginmanager.getplugin("terminalreporter").write_line(
+        f"building the RabbitMQ 4.3 root in {rabbit43.ROOT} in the background (about a minute; "
+        f"log: {rabbit43.ROOT.parent / 'build.log'}); the 4.3 tests run last"
+    )
+    config.stash[_BUILD] = rabbit43.BackgroundBuild()
+
+
 def _say(config: pytest.Config, line: str) -> None:
     """A line on the terminal even while output is captured (the one-minute root build)."""
     capture = config.pluginmanager.getplugin("capturemanager")
@@ -52,6 +73,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "broker_version" not in metafunc.fixturenames or metafunc.definition.get_closest_marker("single_broker"):
         return
     versions = metafunc.config.stash[_PLAN].versions
+    only = metafunc.definition.get_closest_marker("broker_only")
+    if only is not None:  # a behaviour of that broker alone; skipped (empty parameter set) when the run lacks it
+        versions = tuple(v for v in versions if v in only.args)
     metafunc.parametrize("broker_version", versions, ids=[brokers.broker_id(v) for v in versions], scope="module")
 
 
@@ -68,6 +92,9 @@ def rabbitmq43_root(pytestconfig: pytest.Config) -> Path:
     problem = rabbit43.why_unavailable()
     if problem is None:
         try:
+            background = pytestconfig.stash.get(_BUILD, None)
+            if background is not None:
+                return background.wait()
             return rabbit43.build_root(say=lambda line: _say(pytestconfig, line))
         except RabbitNodeError as e:
             problem = str(e)
@@ -203,8 +230,7 @@ def pytest_collection_modifyitems(config, items):
     """Tag tests that need a broker, so packagers can run the rest (-m 'not broker and not broker_node');
     turn ``xfail_broker(version, reason=...)`` into a strict xfail of that broker's parametrisation."""
     for item in items:
-        callspec = getattr(item, "callspec", None)
-        version = callspec.params.get("broker_version") if callspec else None
+        version = _version(item)
         for mark in item.iter_markers("xfail_broker"):
             if mark.args[0] == version:
                 item.add_marker(pytest.mark.xfail(strict=True, reason=f"RabbitMQ {version}: {mark.kwargs['reason']}"))
@@ -213,6 +239,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("broker")
         elif item.module.__name__ in ("tests.test_consume", "tests.test_recovery", "tests.test_tls"):
             item.add_marker("broker")
+    # The 4.3 parametrisations last (in their order): a root being built meanwhile is ready by then.
+    items[:] = sorted(items, key=lambda item: _version(item) == "4.3")
 
 
 @pytest.fixture

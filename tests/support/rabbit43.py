@@ -31,13 +31,14 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from tests.support.rabbitnode import RabbitNode, RabbitNodeError, TLSFiles
 
-__all__ = ["ROOT", "Rabbit43Node", "build_root", "root_ready", "why_unavailable"]
+__all__ = ["ROOT", "BackgroundBuild", "Rabbit43Node", "build_root", "root_ready", "why_unavailable"]
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = REPO / ".cache" / "rabbitmq-4.3" / "root"
@@ -136,6 +137,29 @@ def build_root(root: Path = ROOT, *, debootstrap: str = "debootstrap", say=print
                 _build(root, debootstrap, lock, say)
     prepare_root(root)
     return root
+
+
+class BackgroundBuild:
+    """build_root() on a thread, so that the minute it takes overlaps the tests that need no 4.3."""
+
+    def __init__(self, root: Path = ROOT) -> None:
+        self.root = root
+        self._result: Path | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="rabbitmq-4.3-root", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = build_root(self.root, say=lambda line: None)
+        except BaseException as e:  # handed to whoever waits for the root
+            self._result = e
+
+    def wait(self) -> Path:
+        self._thread.join()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        assert self._result is not None
+        return self._result
 
 
 def _build(root: Path, debootstrap: str, lock: int, say) -> None:
