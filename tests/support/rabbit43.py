@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from tests.support.rabbitnode import RabbitNode, RabbitNodeError, TLSFiles
+from tests.support.rabbitnode import RabbitNode, RabbitNodeError, TLSFiles, _pid_alive
 
 __all__ = ["ROOT", "BackgroundBuild", "Rabbit43Node", "build_root", "root_ready", "why_unavailable"]
 
@@ -263,16 +263,6 @@ class Rabbit43Node(RabbitNode):
 
     def _remove_files(self) -> None:
         remove_tree(self.dir)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def sweep_stale_nodes(root: Path = ROOT) -> None:
