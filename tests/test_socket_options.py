@@ -21,7 +21,7 @@ async def test_connection_socket_has_tcp_nodelay(reactor, tmp_path, broker, queu
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
-        handle = daemon.consumer._session._proto.transport.getHandle()
+        handle = daemon.consumer.subscription._session._proto.transport.getHandle()
         assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         await daemon.stopService()
