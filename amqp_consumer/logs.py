@@ -145,6 +145,16 @@ def _is_handshake_noise(failure: Failure) -> bool:
     return type(failure.value).__name__ == "NoTransition"
 
 
+def _explained_by_the_daemon(record: logging.LogRecord) -> bool:
+    """pika's warning for a channel the broker closed: the daemon says the same in its own line.
+
+    The subscription explains every close of its channel (with the fix for a
+    refused declaration and the retry delay), and so does the publisher for its
+    own, so pika's line would only say it a second time at each attempt.
+    """
+    return record.name == "pika.channel" and str(record.msg).startswith("Received remote Channel.Close")
+
+
 class _ToTwisted(logging.Handler):
     """stdlib logging (pika) into the same observer."""
 
@@ -155,7 +165,8 @@ class _ToTwisted(logging.Handler):
             text = record.getMessage()
         except Exception:
             text = str(record.msg)
-        Logger(namespace=record.name).emit(self._levels.get(record.levelno, LogLevel.info), "{text}", text=text)
+        level = LogLevel.debug if _explained_by_the_daemon(record) else self._levels.get(record.levelno, LogLevel.info)
+        Logger(namespace=record.name).emit(level, "{text}", text=text)
 
 
 def bridge_stdlib(pika_level: str) -> None:

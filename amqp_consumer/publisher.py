@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from amqp_consumer.connection import Channel, PublishFailed, Session
+from amqp_consumer.connection import Channel, ChannelClosed, PublishFailed, Session
 
 log = Logger(namespace="amqp_consumer.publisher")
 
@@ -43,6 +43,7 @@ class Publisher:
 
     async def _open(self, session: Session) -> Channel:
         ch = await session.channel()
+        ch.on_close(_say_if_refused)
         await ch.enable_confirms()
         if self._session is session:
             self._channel = ch
@@ -76,3 +77,9 @@ class Publisher:
         """Declare a durable queue (a quarantine queue an operator deleted, say)."""
         ch = await self.channel()
         await ch.declare_queue(queue)
+
+
+def _say_if_refused(error: ChannelClosed) -> None:
+    """The broker closed the publishing channel (pika's own line about it is debug only)."""
+    if error.by_broker:
+        log.warn("the broker closed the publishing channel: {why}; the next publish opens a new one", why=error)

@@ -14,6 +14,11 @@ _GENERIC = "check [[exchanges]], [[queues]] and [[bindings]] against what the br
 def hint(code: int, text: str) -> str:
     """The likely fix for a refusal with this reply code and text."""
     lowered = text.lower()
+    # RabbitMQ 3.x refuses an unknown type with 503 COMMAND_INVALID (closing the
+    # connection), 4.x with 406 PRECONDITION_FAILED (closing the channel); both
+    # say "unknown exchange type", which must not read as "exists with other settings".
+    if "unknown exchange type" in lowered or (code == 503 and "exchange type" in lowered):
+        return "the broker has no such exchange type; enable the plugin that provides it or change the type in [[exchanges]]"
     if code == 403:
         if "exclusive" in lowered:
             return "another client consumes it exclusively or owns it as an exclusive queue; this clears when that client lets go"
@@ -24,6 +29,4 @@ def hint(code: int, text: str) -> str:
         return "the queue is exclusive to another connection; this clears when that connection closes"
     if code == 406:
         return "an exchange or queue exists with other settings; make [[exchanges]]/[[queues]] match or delete it"
-    if code == 503 and "exchange type" in lowered:
-        return "the broker has no such exchange type; enable the plugin that provides it or change the type in [[exchanges]]"
     return _GENERIC

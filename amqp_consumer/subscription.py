@@ -240,12 +240,20 @@ class Subscription:
         self._on_released()
         for q in [q for q, r in self._rejoin.items() if r.channel is ch]:
             del self._rejoin[q]
-        if ch is not self._channel:
+        if ch is not self._channel or not self._running() or session is not self._session or session.closing:
+            # Stopping, an older channel, or the whole connection went: nothing to reopen here
+            # (the connection handler takes over), but a close by the broker is still said.
+            if error.by_broker:
+                log.warn("the broker closed our channel: {why}; {n} unsettled deliveries go back to the queue",
+                         why=error, n=len(held))
+            if ch is self._channel:
+                self._channel = None
+                self._tags.clear()
             return
         self._channel = None
         self._tags.clear()
-        if not error.by_broker or not self._running() or session is not self._session or session.closing:
-            return  # our own close, or the whole connection went: the connection handler takes over
+        if not error.by_broker:
+            return  # our own close
         delay = self._next_retry_delay()
         refused = self._refused(error)
         timed_out = refused is None and is_ack_timeout_close(error.code, error.text)

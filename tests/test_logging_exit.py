@@ -118,6 +118,19 @@ def test_pika_logging_goes_to_the_same_stream(stdlib_logging, pika_level: str, s
     assert out.getvalue().splitlines() == shown
 
 
+@pytest.mark.parametrize("level, shown", [("info", []), ("debug", ["DEBUG pika.channel: Received remote Channel.Close (406): 'x'"])])
+def test_pikas_channel_close_warning_is_debug_only_as_the_daemon_says_it(stdlib_logging, level: str, shown: list[str]) -> None:
+    """The subscription and the publisher explain a channel the broker closed; pika's line would repeat it."""
+    obs, out = observer(level=level, pika_level="debug")
+    globalLogPublisher.addObserver(obs)
+    try:
+        logging.getLogger("pika.channel").warning("Received remote Channel.Close (%s): %r", 406, "x")
+        logging.getLogger("pika.channel").warning("Channel.Flow received from server")
+    finally:
+        globalLogPublisher.removeObserver(obs)
+    assert out.getvalue().splitlines() == shown + ["WARNING pika.channel: Channel.Flow received from server"]
+
+
 def test_handshake_noise_from_legacy_log_err_is_one_warning(stdlib_logging, expect_errors) -> None:
     from automat import NoTransition
 
