@@ -9,7 +9,7 @@ one reactor turn and sent with multiple=True where no unsettled tag lies below.
 from __future__ import annotations
 
 from time import monotonic
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, assert_never
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from amqp_consumer.connection import Channel
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
-from amqp_consumer.outcomes import NOT_RUN, Ack, Halt, NotRun, Outcome, Quarantine, Reject, Requeue
+from amqp_consumer.outcomes import NOT_RUN, Ack, Halt, NotRun, Outcome, Quarantine, Reject, Requeue, RetryAfter
 
 log = Logger(namespace="amqp_consumer.consumer")
 
@@ -107,14 +107,16 @@ class InFlight:
 class FailurePolicy(Protocol):
     """What happens to a message the daemon cannot handle (today: quarantine.Quarantine).
 
-    The seam for the retry feature: a RetryAfter outcome goes here too, and the
-    policy decides between a delay queue and quarantine. It settles the original
-    through the Settler's ack/requeue/reject/forget, never on the channel itself.
+    The seam for the retry feature: a RetryAfter outcome goes here too (retry),
+    and the policy decides between a delay queue and quarantine. It settles the
+    original through the Settler's ack/requeue/reject/forget, never on the
+    channel itself.
     """
 
     owed: Any  # truthy while some redelivered original's handling is still owed
 
     def submit(self, d: Delivery, error: BaseException, detail: str) -> None: ...
+    def retry(self, d: Delivery, outcome: RetryAfter) -> None: ...
     def redelivered(self, d: Delivery) -> bool: ...
     def stop(self) -> None: ...
 
@@ -206,6 +208,10 @@ class Settler:
                 self._on_halt(code)
             case Quarantine(error=error, detail=detail):
                 self.failures.submit(d, error, detail)
+            case RetryAfter():
+                self.failures.retry(d, outcome)
+            case _:
+                assert_never(outcome)
 
     def not_run(self, d: Delivery) -> None:
         self.settle(d, NOT_RUN)

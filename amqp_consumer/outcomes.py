@@ -79,14 +79,20 @@ class Halt:
     kind: ClassVar[str] = "halt"
 
 
-# Room for what comes next: a delayed retry (for the failure policy) and a reply
-# (a publish awaiting its confirm before the ack). Neither is produced yet; adding
-# one means a member in Outcome and a case in Settler.settle, and mypy points at both.
+# Room for what comes next. RetryAfter is an Outcome already: Settler.settle hands
+# it to the failure policy, which (until a retry policy exists) quarantines it; no
+# callback can produce it yet. Reply (a publish awaiting its confirm before the
+# ack) is reserved: adding it means a member in Outcome and a case in
+# Settler.settle, and mypy (assert_never there) points at the missing case.
 
 
 @dataclass(frozen=True, slots=True)
 class RetryAfter:
-    """Reserved: publish to a delay queue, acknowledge once confirmed."""
+    """Try the message again after ``delay`` seconds: the failure policy decides how (see FailurePolicy.retry).
+
+    A retry policy publishes it to a delay queue and acknowledges once confirmed;
+    without one (today) it is quarantined, which loses nothing and cannot loop.
+    """
 
     delay: float
     reason: str
@@ -101,7 +107,7 @@ class Reply:
     kind: ClassVar[str] = "reply"
 
 
-Outcome = Union[Ack, Requeue, Reject, NotRun, Quarantine, Halt]
+Outcome = Union[Ack, Requeue, Reject, NotRun, Quarantine, Halt, RetryAfter]
 
 ACK: Final = Ack()
 REQUEUE: Final = Requeue()

@@ -32,6 +32,7 @@ from amqp_consumer.connection import (
 )
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
+from amqp_consumer.outcomes import RetryAfter
 from amqp_consumer.publisher import Publisher
 
 log = Logger(namespace="amqp_consumer.consumer")
@@ -246,6 +247,10 @@ def fingerprint(label: str, message: Message) -> tuple:
     return (label, message.id, message.exchange, message.routing_key, len(message.raw_body), hash(message.raw_body))
 
 
+class NoRetryPolicy(Exception):
+    """A retry was asked for, but no retry policy is configured: the reason a copy was quarantined."""
+
+
 class Quarantine:
     """Publishes copies with confirms and settles their originals; remembers the originals it hands back."""
 
@@ -275,6 +280,23 @@ class Quarantine:
             detail=detail,
         )
         self._try(_Job(d, type(error).__name__, describe(error)))
+
+    def retry(self, d: Any, outcome: RetryAfter) -> None:
+        """A retry after a delay, with no delay queue to hold the message meanwhile: quarantine it.
+
+        Of what this policy can do, only quarantine loses nothing and cannot
+        loop: a requeue would bring the message straight back with no delay
+        (a hot loop on the same failure), an ack or a reject would lose it.
+        The copy's headers say a retry was asked for and why, so an operator
+        can shovel it back once the cause is fixed. No callback can ask for a
+        retry yet: the retry feature brings both the way to ask and a policy
+        that holds the message for the delay.
+        """
+        error = NoRetryPolicy(
+            f"retry requested in {outcome.delay:g} s ({outcome.reason or 'no reason given'}), "
+            "but no retry policy is configured"
+        )
+        self.submit(d, error, str(error))
 
     def redelivered(self, d: Any) -> bool:
         """Take over a redelivered original whose quarantine is owed; False if it is not one."""

@@ -13,7 +13,7 @@ from amqp_consumer.consumer import Consumer
 from amqp_consumer.dispatch import classify, halt, quarantine
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
-from amqp_consumer.outcomes import ACK, NOT_RUN, REJECT, REQUEUE, HaltConsumer, Nack, Quarantine
+from amqp_consumer.outcomes import ACK, NOT_RUN, REJECT, REQUEUE, HaltConsumer, Nack, Quarantine, RetryAfter
 from amqp_consumer.state import State
 
 
@@ -288,3 +288,46 @@ def test_a_failure_while_settling_one_delivery_does_not_stop_the_others(consumer
     assert len(c.inflight) == 0
     [said] = logged_errors.flush(r"settling message tag:2 \(quarantine\) failed; it goes back to its queue")
     assert "a bug in the quarantine path" in said
+
+
+class FakePublishingChannel:
+    """The publisher's confirm-mode channel: every publish is confirmed at once."""
+
+    max_properties_size = 131052
+    user = "guest"
+    is_open = True
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, bytes, dict]] = []
+
+    async def publish(self, exchange: str, routing_key: str, body: bytes, properties: dict, mandatory: bool = True) -> None:
+        self.published.append((exchange, routing_key, body, properties))
+
+
+def test_a_retry_without_a_retry_policy_is_quarantined_never_requeued(consumer):
+    """RetryAfter reaches the failure policy; with no delay queue it ends as a confirmed quarantine copy and an ack."""
+    reactor, c = consumer
+    c.startService()  # a stopping consumer hands originals back instead of publishing
+    ch = FakeChannel()
+    publishing = FakePublishingChannel()
+
+    async def confirm_channel() -> FakePublishingChannel:
+        return publishing
+
+    c.publisher.channel = confirm_channel
+    asked: list[RetryAfter] = []
+    policy_retry = c.quarantine.retry
+    c.quarantine.retry = lambda d, outcome: (asked.append(outcome), policy_retry(d, outcome))
+    [d] = deliver(c, ch, [3])
+    retry = RetryAfter(5.0, "the database is down")
+    c.settler.results([d], [retry])
+    reactor.advance(0)
+    assert asked == [retry]  # the settler handed it to the policy
+    [(exchange, routing_key, body, props)] = publishing.published
+    assert (exchange, routing_key, body) == ("", "q.quarantine", b"{}")
+    assert props["headers"]["amqp-consumer-exception"] == "NoRetryPolicy"
+    assert props["headers"]["amqp-consumer-error"] == (
+        "retry requested in 5 s (the database is down), but no retry policy is configured"
+    )
+    assert ch.sent == [("ack", 3, True)]  # acked once the copy is confirmed; never nacked back to a hot loop
+    assert c.metrics.value("quarantined", "q") == 1 and len(c.inflight) == 0
