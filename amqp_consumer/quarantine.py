@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -30,6 +31,7 @@ from amqp_consumer.connection import (
     properties_size,
     quarantine_queue,
 )
+from amqp_consumer.inflight import Delivery
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
 from amqp_consumer.outcomes import RetryAfter
@@ -103,7 +105,7 @@ def copy_properties(
     The copy is always persistent. The result encodes in at most ``limit`` bytes.
     """
     props: dict[str, Any] = {"delivery_mode": 2}
-    for ours, theirs in (
+    for attr, theirs in (
         ("content_type", "content_type"),
         ("content_encoding", "content_encoding"),
         ("priority", "priority"),
@@ -115,7 +117,7 @@ def copy_properties(
         ("app_id", "app_id"),
         ("cluster_id", "cluster_id"),
     ):
-        value = getattr(message, ours)
+        value = getattr(message, attr)
         if value is not None:
             props[theirs] = value
     ours: dict[str, Any] = {
@@ -181,10 +183,10 @@ class Settle(Protocol):
     @property
     def running(self) -> bool: ...
 
-    def ack(self, d: Any) -> None: ...
-    def requeue(self, d: Any) -> None: ...
-    def reject(self, d: Any) -> None: ...
-    def forget(self, d: Any) -> None: ...
+    def ack(self, d: Delivery) -> None: ...
+    def requeue(self, d: Delivery) -> None: ...
+    def reject(self, d: Delivery) -> None: ...
+    def forget(self, d: Delivery) -> None: ...
 
 
 class _Copy:
@@ -192,13 +194,13 @@ class _Copy:
 
     __slots__ = ("done", "error", "_observers")
 
-    def __init__(self, publishing: Deferred) -> None:
+    def __init__(self, publishing: Deferred[None]) -> None:
         self.done = False
         self.error: BaseException | None = None
         self._observers: list[Callable[[BaseException | None], None]] = []
         publishing.addBoth(self._fire)
 
-    def _fire(self, result: Any) -> None:
+    def _fire(self, result: Failure | None) -> None:
         self.done = True
         self.error = result.value if isinstance(result, Failure) else None
         observers, self._observers = self._observers, []
@@ -233,16 +235,28 @@ class _Owed:
 class _Job:
     __slots__ = ("d", "error_name", "error_text", "tries", "copy", "timer")
 
-    def __init__(self, d: Any, error_name: str, error_text: str) -> None:
+    def __init__(self, d: Delivery, error_name: str, error_text: str) -> None:
         self.d = d
         self.error_name = error_name
         self.error_text = error_text
         self.tries = 0
         self.copy: _Copy | None = None  # the publish this job waits on
-        self.timer: Any = None
+        self.timer: IDelayedCall | None = None  # its confirm deadline, or its next try
+
+    def cancel_timer(self) -> bool:
+        """Cancel the pending deadline or try; False when none was pending."""
+        timer, self.timer = self.timer, None
+        if timer is None or not timer.active():
+            return False
+        timer.cancel()
+        return True
 
 
-def fingerprint(label: str, message: Message) -> tuple:
+# (queue label, message id, exchange, routing key, body length, body hash)
+Fingerprint = tuple[str, str | None, str, str, int, int]
+
+
+def fingerprint(label: str, message: Message) -> Fingerprint:
     """Recognises a redelivered original: its delivery tag changes, its content does not."""
     return (label, message.id, message.exchange, message.routing_key, len(message.raw_body), hash(message.raw_body))
 
@@ -256,7 +270,7 @@ class Quarantine:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         publisher: Publisher,
         metrics: Metrics,
         settle: Settle,
@@ -267,10 +281,10 @@ class Quarantine:
         self._metrics = metrics
         self._settle = settle
         self._has_dead_letter = has_dead_letter
-        self.owed: OrderedDict[tuple, _Owed] = OrderedDict()
+        self.owed: OrderedDict[Fingerprint, _Owed] = OrderedDict()
         self._retrying: set[_Job] = set()
 
-    def submit(self, d: Any, error: BaseException, detail: str) -> None:
+    def submit(self, d: Delivery, error: BaseException, detail: str) -> None:
         """Quarantine d's message: its callback raised error (detail: the traceback or reason)."""
         msg = d.message
         log.error(
@@ -281,7 +295,7 @@ class Quarantine:
         )
         self._try(_Job(d, type(error).__name__, describe(error)))
 
-    def retry(self, d: Any, outcome: RetryAfter) -> None:
+    def retry(self, d: Delivery, outcome: RetryAfter) -> None:
         """A retry after a delay, with no delay queue to hold the message meanwhile: quarantine it.
 
         Of what this policy can do, only quarantine loses nothing and cannot
@@ -298,7 +312,7 @@ class Quarantine:
         )
         self.submit(d, error, str(error))
 
-    def redelivered(self, d: Any) -> bool:
+    def redelivered(self, d: Delivery) -> bool:
         """Take over a redelivered original whose quarantine is owed; False if it is not one."""
         owed = self.owed.pop(fingerprint(d.label, d.message), None)
         if owed is None:
@@ -322,8 +336,7 @@ class Quarantine:
         """Stopping: retries due later run now, and hand their originals back instead of publishing."""
         retrying, self._retrying = self._retrying, set()
         for job in retrying:
-            if job.timer.active():
-                job.timer.cancel()
+            if job.cancel_timer():
                 self._try(job)
 
     # --- one try ---
@@ -351,8 +364,7 @@ class Quarantine:
         if job.copy is not copy:
             return  # timed out before: the original has gone back, its _Owed follows this copy
         job.copy = None
-        if job.timer.active():
-            job.timer.cancel()
+        job.cancel_timer()
         if error is None:
             self._copied(job)
         else:
@@ -370,6 +382,7 @@ class Quarantine:
         if job.copy is not copy:
             return
         job.copy = None
+        job.timer = None  # this call was it
         log.error(
             "message {message_id}: the broker has not confirmed its quarantine copy in {t:g} s "
             "(is it blocking publishers?); the original goes back to its queue",
@@ -424,14 +437,19 @@ class Quarantine:
             self._hand_back(job, None, requeue=True)
 
     def _retry(self, job: _Job) -> None:
+        job.timer = None  # this call was it
         self._retrying.discard(job)
         self._try(job)
 
-    def _redeclare(self, d: Any) -> Deferred:
+    def _redeclare(self, d: Delivery) -> Deferred[None]:
+        """Declare d's quarantine queue again; fires (with None) whether or not that worked."""
         queue = quarantine_queue(_configured(d.label))
         log.warn("the quarantine queue {queue!r} is missing; declaring it again", queue=queue)
-        declared = defer.ensureDeferred(self._publisher.declare(queue))
-        return declared.addErrback(lambda f: log.warn("declaring {queue!r} failed: {why}", queue=queue, why=f.value))
+
+        def failed(f: Failure) -> None:
+            log.warn("declaring {queue!r} failed: {why}", queue=queue, why=f.value)
+
+        return defer.ensureDeferred(self._publisher.declare(queue)).addErrback(failed)
 
     def _hand_back(self, job: _Job, copy: _Copy | None, requeue: bool = False) -> _Owed:
         """The original goes (or has gone) back to its queue with its quarantine owed:
@@ -450,7 +468,7 @@ class Quarantine:
         return owed
 
 
-def _id(d: Any) -> str:
+def _id(d: Delivery) -> str:
     return d.message.id or f"tag:{d.tag}"
 
 
