@@ -105,8 +105,9 @@ class Broker:
 
 
 def read_rows(path: Any) -> list[dict[str, Any]]:
+    """The callbacks' JSON lines so far; a last line still being written (no newline yet) waits for the next read."""
     try:
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
     except FileNotFoundError:
         return []
