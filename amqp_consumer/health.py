@@ -14,11 +14,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from twisted.web import pages
+from twisted.web.http import Request
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
 
 from amqp_consumer import __version__
+from amqp_consumer.httpserver import NotFound, ResourceFactory
 from amqp_consumer.listen import Listener
 from amqp_consumer.metrics import OUTCOMES
 
@@ -124,6 +124,7 @@ class Root(Resource):
     def __init__(self, daemon: Daemon) -> None:
         super().__init__()
         self._index = Index(daemon)
+        self._not_found = NotFound("No such resource", "Try /live, /ready, /metrics or /status.")
         self.putChild(b"live", Live(daemon))
         self.putChild(b"ready", Ready(daemon))
         self.putChild(b"metrics", MetricsPage(daemon))
@@ -132,21 +133,7 @@ class Root(Resource):
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
             return self._index
-        return pages.notFound("No such resource", "Try /live, /ready, /metrics or /status.")
-
-
-class QuietSite(Site):
-    """A Site without the access log line per request."""
-
-    noisy = False  # no "Starting factory" lines either
-    displayTracebacks = False
-
-    def log(self, request: Request) -> None:
-        pass
-
-
-def make_site(daemon: Daemon) -> QuietSite:
-    return QuietSite(Root(daemon))
+        return self._not_found
 
 
 def service(reactor: Any, daemon: Daemon, description: str) -> Listener:
@@ -155,7 +142,7 @@ def service(reactor: Any, daemon: Daemon, description: str) -> Listener:
         reactor,
         "health",
         description,
-        make_site(daemon),
+        ResourceFactory(Root(daemon), reactor),
         on_error=daemon.fatal,
         announce=lambda address: f"serving /live /ready /metrics /status on http://{address}/",
     )
