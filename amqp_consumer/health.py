@@ -13,7 +13,6 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST
 from twisted.web.http import Request
 from twisted.web.resource import IResource, Resource
 
@@ -97,6 +96,8 @@ class MetricsPage(_Leaf):
     """Prometheus text exposition, rendered here on the reactor thread."""
 
     def render_GET(self, request: Request) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST  # loaded at the first scrape (see metrics.py)
+
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return self.daemon.metrics.exposition()
 

@@ -2,24 +2,29 @@
 
 The per-message counts and the callback-duration histogram are plain numbers
 bumped on the reactor thread (no lock) and turned into samples only when scraped.
+prometheus_client itself (about 1 MB resident with what it imports) is loaded at
+the first scrape of /metrics, not at start-up: a daemon nobody scrapes never holds it.
 """
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_left
-from typing import Any, Callable, Iterable
-
-import prometheus_client
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from amqp_consumer.state import BrokerNode
 
-# No "<name>_created" series next to every counter and histogram: they double
-# the exposition and say nothing the process start time does not.
-if hasattr(prometheus_client, "disable_created_metrics"):
-    prometheus_client.disable_created_metrics()
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+
+def _no_created_series() -> None:
+    # No "<name>_created" series next to every counter and histogram: they double
+    # the exposition and say nothing the process start time does not.
+    import prometheus_client
+
+    if hasattr(prometheus_client, "disable_created_metrics"):
+        prometheus_client.disable_created_metrics()
 
 OUTCOMES = ("received", "acked", "requeued", "rejected", "quarantined")
 CONNECTION_STATES = ("connecting", "connected", "reconnecting", "closed")
@@ -33,6 +38,8 @@ class _Live:
         self._connection_state = connection_state
 
     def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         helps = {
             "amqp_consumer_inflight": "Deliveries received and not yet settled",
             "amqp_consumer_oldest_inflight_seconds": "Age of the oldest unsettled delivery",
@@ -65,6 +72,8 @@ class _Node:
         self._read = read
 
     def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         family = GaugeMetricFamily(
             "amqp_consumer_connected_node",
             "1 for the broker node (host:port of its URL) of the open AMQP connection",
@@ -81,6 +90,8 @@ class _Counts:
         self._counts = counts
 
     def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
         family = CounterMetricFamily(
             "amqp_consumer_messages", "Deliveries by queue and outcome", labels=["queue", "outcome"]
         )
@@ -99,6 +110,8 @@ class _PerQueue:
         self._counts = counts
 
     def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
         family = CounterMetricFamily(self._name, self._documentation, labels=["queue"])
         for queue, n in self._counts.items():
             family.add_metric([queue], n)
@@ -118,7 +131,6 @@ class Durations:
         self.name = name
         self.documentation = documentation
         self.bounds = tuple(sorted(float(b) for b in buckets))
-        self._labels = (*map(floatToGoString, self.bounds), "+Inf")
         self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
@@ -127,22 +139,32 @@ class Durations:
         self.sum += seconds
 
     def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
+
         # /metrics is rendered on the reactor thread too, so nothing moves meanwhile.
+        labels = (*map(floatToGoString, self.bounds), "+Inf")
         cumulative, running = [], 0
-        for bound, n in zip(self._labels, self.counts):
+        for bound, n in zip(labels, self.counts):
             running += n
             cumulative.append((bound, running))
         yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
 
 
+class _Process:
+    """Where prometheus_client's process metrics go in the exposition (made with the registry)."""
+
+
 class Metrics:
     def __init__(self, queues: Iterable[str]) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
+        # In the order of the exposition; the registry is made from them at the first scrape.
+        self._collectors: list[Any] = []
+        self._registry: CollectorRegistry | None = None
         # Only ever changed on the reactor thread.
         self.counters: dict[str, dict[str, int]] = {o: {} for o in OUTCOMES}
-        self.registry.register(_Counts(self.counters))
+        self._collectors.append(_Counts(self.counters))
         self.quarantine_failures: dict[str, int] = {}
-        self.registry.register(
+        self._collectors.append(
             _PerQueue(
                 "amqp_consumer_quarantine_failures",
                 "Messages whose quarantine copy could not be published (each then rejected or requeued)",
@@ -150,7 +172,7 @@ class Metrics:
             )
         )
         self.ack_timeouts: dict[str, int] = {}
-        self.registry.register(
+        self._collectors.append(
             _PerQueue(
                 "amqp_consumer_ack_timeouts",
                 "Times the broker took deliveries back because they stayed unacknowledged past its consumer timeout",
@@ -162,10 +184,33 @@ class Metrics:
             "Time the callback took per message",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
         )
-        self.registry.register(self.duration)
-        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, open fds, start time
+        self._collectors.append(self.duration)
+        self._collectors.append(_Process())  # process_cpu_seconds_total, memory, open fds, start time
         for q in queues:
             self.bind_queue(q)
+        if "prometheus_client" in sys.modules:  # already loaded (by the callback): as when it was loaded here
+            _no_created_series()
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry, made (and prometheus_client imported) on first use."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry, ProcessCollector
+
+            _no_created_series()
+            registry = CollectorRegistry(auto_describe=False)
+            for collector in self._collectors:
+                if isinstance(collector, _Process):
+                    ProcessCollector(registry=registry)
+                else:
+                    registry.register(collector)
+            self._registry = registry
+        return self._registry
+
+    def _register(self, collector: Any) -> None:
+        self._collectors.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
 
     def bind_queue(self, label: str) -> None:
         for outcome in OUTCOMES:
@@ -178,14 +223,16 @@ class Metrics:
 
     def watch(self, read: Callable[[], dict[str, float]], connection_state: Callable[[], str]) -> None:
         """Figures read at scrape time, so they can never disagree with the state they come from."""
-        self.registry.register(_Live(read, connection_state))
+        self._register(_Live(read, connection_state))
 
     def watch_node(self, read: Callable[[], BrokerNode | None]) -> None:
         """read() gives the node of the open connection, or None."""
-        self.registry.register(_Node(read))
+        self._register(_Node(read))
 
     def value(self, outcome: str, queue: str) -> float:
         return self.counters[outcome][queue]
 
     def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)
