@@ -1,6 +1,6 @@
 """What the idle daemon holds in memory beyond the interpreter and its libraries.
 
-    .venv/bin/python bench/idle_rss.py [--url URL] [--idle-seconds S] [--importtime N]
+    .venv/bin/python bench/idle_rss.py [--url URL] [--idle-seconds S] [--breakdown] [--importtime N]
 
 Starts `twistd -n amqp-consumer` with the example-like configuration (health on,
 manhole off, sync callback, workers = 1) against the broker at URL, waits for
@@ -9,8 +9,18 @@ reports that figure next to the floor, a bare
 `python -c 'import twisted.internet.epollreactor'` (which already pulls in
 pyOpenSSL through Twisted's TCP module), and next to the RSS of importing what the
 daemon imports without running it, so that "held beyond the floor" splits into
-"imported" and "kept at run time". With --importtime it lists the N heaviest
-imports of a daemon run (`python -X importtime`, cumulative).
+"imported" and "kept at run time". Every figure is the median of --runs processes.
+
+Every python here loads bytecode, as an installed package does: sources compiled
+at each start (PYTHONDONTWRITEBYTECODE=1 and no __pycache__, as in a fresh
+checkout) leave the compiler's garbage behind and add more than 1 MB. The
+bytecode goes to a private cache (PYTHONPYCACHEPREFIX in a temporary folder),
+filled by one unmeasured daemon run, so the checkout is not written to.
+
+--breakdown adds what each part of the daemon's imports holds (cumulative
+imports, one fresh python each), and what stays out of an idle daemon.
+--importtime N lists the N heaviest imports of a daemon run (`python -X
+importtime`, cumulative).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -36,13 +47,39 @@ def twistd() -> list[str]:
 
 
 def vm(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile and Threads from /proc/PID/status (KiB, or a count)."""
+    """VmRSS, VmHWM, RssAnon, RssFile and Threads from /proc/PID/status (KiB, or a count), and Pss
+    from /proc/PID/smaps_rollup (the process's share of pages it shares with others)."""
     out: dict[str, int] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
             out[key] = int(value.split()[0])
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "Pss":
+                out[key] = int(value.split()[0])
+    except OSError:
+        pass
     return out
+
+
+_PYCACHE = tempfile.TemporaryDirectory(prefix="idle-rss-pycache-")
+
+
+def python_env() -> dict[str, str]:
+    """The environment of every measured python: this checkout first on the path, bytecode from
+    (and written to) a private cache."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env["PYTHONPYCACHEPREFIX"] = _PYCACHE.name
+    return env
+
+
+def median_of(runs: int, measure: Callable[[], dict[str, int]]) -> dict[str, int]:
+    """The run with the median VmRSS."""
+    results = sorted((measure() for _ in range(runs)), key=lambda r: r["VmRSS"])
+    return results[len(results) // 2]
 
 
 def free_port() -> int:
@@ -54,8 +91,7 @@ def free_port() -> int:
 def python_rss(code: str) -> dict[str, int]:
     """The status figures of a python that ran code and then waits to be read."""
     script = code + "\nimport sys; sys.stdout.write('ok\\n'); sys.stdout.flush(); sys.stdin.read()"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=python_env(), text=True)
     try:
         assert p.stdout is not None and p.stdout.readline() == "ok\n", "the probe did not start"
         return vm(p.pid)
@@ -105,7 +141,7 @@ def daemon_rss(url: str, idle_seconds: float, flags: tuple[str, ...] = ()) -> tu
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         cfg = config(Path(tmp), url, port)
-        env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        env = python_env()
         log = open(Path(tmp) / "daemon.log", "w")
         began = time.monotonic()
         p = subprocess.Popen([sys.executable, *flags, *twistd()[1:], "-n", "--pidfile=", "amqp-consumer", f"--config={cfg}"],
@@ -142,6 +178,34 @@ tap.makeService  # noqa
 import amqp_consumer.build, amqp_consumer.daemon
 """
 
+FLOOR = "import twisted.internet.epollreactor"
+
+# The daemon's imports in the order twistd reaches them, each step on top of the ones before.
+BREAKDOWN: list[tuple[str, str]] = [
+    ("twistd and its plugin scan", """
+from twisted.internet import epollreactor
+epollreactor.install()
+import twisted.scripts.twistd
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+list(getPlugins(IServiceMaker))
+"""),
+    ("pika and its Twisted adapter", "import pika.adapters.twisted_connection"),
+    ("Twisted's ClientService and endpoints", "import twisted.application.internet, twisted.internet.endpoints"),
+    ("amqp_consumer.tap: config, callback loading, the consumer", "import amqp_consumer.tap"),
+    ("amqp_consumer.build: daemon, health on twisted.web.http, systemd", "import amqp_consumer.build"),
+]
+
+# What an idle daemon (example-like config) does not hold, each measured on top of all of BREAKDOWN.
+LEFT_OUT: list[tuple[str, str]] = [
+    ("prometheus-client (loaded at the first /metrics scrape)", "import amqp_consumer.metrics as m; m.Metrics(['q']).exposition()"),
+    ("twisted.web.server's Site (not used)", "import twisted.web.server"),
+    ("the SSH manhole's Conch (only when [manhole] listen is set)", "import amqp_consumer.manhole"),
+]
+
+# The floor without pyOpenSSL: what Twisted's TCP module costs when it cannot import it.
+FLOOR_WITHOUT_OPENSSL = "import sys; sys.modules['OpenSSL'] = None\n" + FLOOR
+
 
 def heaviest_imports(output: str, top: int) -> list[tuple[int, str]]:
     """The heaviest imports in `-X importtime` output (cumulative µs), two levels deep."""
@@ -165,11 +229,13 @@ def main() -> None:
     ap.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/%2F")
     ap.add_argument("--idle-seconds", type=float, default=3.0)
     ap.add_argument("--runs", type=int, default=3, help="daemon runs; the median is reported")
+    ap.add_argument("--breakdown", action="store_true", help="what each part of the daemon's imports holds")
     ap.add_argument("--importtime", type=int, default=0, metavar="N", help="list the N heaviest imports of a daemon run")
     a = ap.parse_args()
 
-    floor = python_rss("import twisted.internet.epollreactor")
-    imported = python_rss(DAEMON_IMPORTS)
+    daemon_rss(a.url, 0)  # fills the bytecode cache; not measured
+    floor = median_of(a.runs, lambda: python_rss(FLOOR))
+    imported = median_of(a.runs, lambda: python_rss(DAEMON_IMPORTS))
     runs = sorted((daemon_rss(a.url, a.idle_seconds) for _ in range(a.runs)), key=lambda r: r[0]["VmRSS"])
     daemon, took, _ = runs[len(runs) // 2]
 
@@ -178,8 +244,26 @@ def main() -> None:
           f"(+{mb(imported['VmRSS'] - floor['VmRSS'])} over the floor)")
     print(f"daemon idle, {a.idle_seconds:g} s after /ready (median of {a.runs}): {mb(daemon['VmRSS'])} "
           f"(+{mb(daemon['VmRSS'] - floor['VmRSS'])} over the floor; anon {mb(daemon['RssAnon'])}, "
-          f"file {mb(daemon['RssFile'])}, {daemon['Threads']} threads; ready after {took:.2f} s)")
+          f"file {mb(daemon['RssFile'])}, PSS {mb(daemon.get('Pss', 0))}, {daemon['Threads']} threads; "
+          f"ready after {took:.2f} s)")
     print(f"  of which kept at run time (beyond the imports): {mb(daemon['VmRSS'] - imported['VmRSS'])}")
+    if a.breakdown:
+        print(f"\nwhere the {mb(daemon['VmRSS'] - floor['VmRSS'])} beyond the floor go (cumulative imports, "
+              f"median of {a.runs} each):")
+        code, previous = "", floor["VmRSS"]
+        for what, step in BREAKDOWN:
+            code += "\n" + step
+            now = median_of(a.runs, lambda: python_rss(code))["VmRSS"]
+            print(f"  +{mb(now - previous):>8}  {what}")
+            previous = now
+        print(f"  +{mb(daemon['VmRSS'] - previous):>8}  kept at run time: connection, threads, buffers")
+        print("not in an idle daemon (each on top of all the above):")
+        for what, step in LEFT_OUT:
+            now = median_of(a.runs, lambda: python_rss(code + "\n" + step))["VmRSS"]
+            print(f"  +{mb(now - previous):>8}  {what}")
+        without = median_of(a.runs, lambda: python_rss(FLOOR_WITHOUT_OPENSSL))["VmRSS"]
+        print(f"of the floor: {mb(floor['VmRSS'] - without)} is pyOpenSSL and cryptography, which Twisted's TCP "
+              f"module imports whenever they are installed (floor without them: {mb(without)})")
     if a.importtime:
         print("\nheaviest imports of a daemon run, to idle (cumulative µs, two levels deep):")
         _, _, output = daemon_rss(a.url, a.idle_seconds, ("-X", "importtime"))
