@@ -38,6 +38,7 @@ from twisted.logger import Logger
 
 from amqp_consumer.config import Config
 from amqp_consumer.message import Message
+from amqp_consumer.metricdefs import METRICS
 
 log = Logger(namespace="amqp_consumer.brokerlimits")
 
@@ -180,3 +181,13 @@ class AckTimeoutWatch:
             "limit_seconds": self.limit(best.label),
             "percent": round(100 * best_used, 1),
         }
+
+
+# --- the figure owned here, for /metrics (read from the status snapshot at scrape time) -----
+
+ACK_TIMEOUTS = METRICS.counter(
+    "amqp_consumer_ack_timeouts_total",
+    "Times the broker took deliveries back because they stayed unacknowledged past its consumer timeout",
+    labels=("queue",),
+    series=lambda s: [((queue,), float(n)) for queue, n in s.counters.ack_timeouts.items()],
+)

@@ -30,7 +30,7 @@ def build(reactor: Any, config: Config, callback: Callable[[Message], Any], life
             manhole.service(reactor, daemon, config.manhole).setServiceParent(daemon)
         except ConfigError as e:
             daemon.fatal(exitcodes.CONFIG, f"config error: {e}")
-    notifier = systemd.service(reactor, daemon.state)
+    notifier = systemd.service(reactor, daemon)
     if notifier is not None:
         notifier.setServiceParent(daemon)
     reactor.callWhenRunning(lifecycle.install_signal_handlers)

@@ -94,8 +94,6 @@ class Consumer(Service):
         self.halt_code: int | None = None
         state.broker = self.connector.target
         state.watch_single_active(single_active_queues(config))
-        metrics.watch(self._live_metrics, lambda: state.connection)
-        metrics.watch_node(lambda: state.node)
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -171,20 +169,3 @@ class Consumer(Service):
     def _has_dead_letter(self, label: str) -> bool:
         configured = configured_name(label)
         return any(q.name == configured and "x-dead-letter-exchange" in q.arguments for q in self.config.queues)
-
-    # --- live figures -------------------------------------------------------------------
-
-    def _live_metrics(self) -> dict[str, float]:
-        s = self.state
-        return {
-            "amqp_consumer_inflight": len(self.inflight),
-            "amqp_consumer_oldest_inflight_seconds": self.inflight.oldest_age(),
-            "amqp_consumer_connected": 1.0 if s.connection == "connected" else 0.0,
-            "amqp_consumer_ready": 1.0 if s.readiness()[0] else 0.0,
-            "amqp_consumer_standby": 1.0 if s.standby() else 0.0,
-            "amqp_consumer_blocked": 1.0 if s.blocked else 0.0,
-            "amqp_consumer_reconnects_total": s.reconnects,
-            "amqp_consumer_last_delivery_timestamp_seconds": s.last_delivery or 0.0,
-            "amqp_consumer_workers_busy": self.dispatcher.busy,
-            "amqp_consumer_workers_total": 0 if self.dispatcher.is_async else self.dispatcher.workers,
-        }

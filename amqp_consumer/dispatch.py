@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from amqp_consumer.config import ConfigError
 from amqp_consumer.message import BodyDecodeError, Message, PropertiesDecodeError
+from amqp_consumer.metricdefs import METRICS
 from amqp_consumer.pipeline import BEFORE_CALLBACK, Stage, before_callback
 from amqp_consumer.outcomes import (
     ACK,
@@ -404,3 +405,13 @@ def _resume(coro: Coroutine[Any, Any, Any], yielded: Any, ctx: Context) -> Gener
                 yielded = ctx.run(coro.send, sent)
             except StopIteration as stop:
                 return stop.value
+
+
+# --- the figures owned here, for /metrics (read from the status snapshot at scrape time) ----
+
+WORKERS_BUSY = METRICS.gauge(
+    "amqp_consumer_workers_busy", "Worker threads (or async callbacks) running", value=lambda s: float(s.workers.busy)
+)
+WORKERS_TOTAL = METRICS.gauge(
+    "amqp_consumer_workers_total", "Worker threads configured", value=lambda s: float(s.workers.total)
+)

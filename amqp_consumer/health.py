@@ -1,60 +1,43 @@
 """HTTP health and metrics: GET /live, /ready, /metrics and /status.
 
-Everything is answered on the reactor thread from in-memory state, so a probe
-costs nothing on the message path and /live doubles as "the reactor turns".
-The site writes no access log: probes every few seconds would flood the journal.
-Nothing here reads the configuration, so no URL or password can leak out.
+Everything is answered on the reactor thread from one status snapshot
+(status.py), taken per request, so a probe costs nothing on the message path
+and /live doubles as "the reactor turns". /ready, /status and the live gauges
+of /metrics read the same snapshot, so they never disagree. The site writes no
+access log: probes every few seconds would flood the journal. Nothing here
+reads the configuration or any part of the daemon but its snapshot (and the
+metrics text built from it), so no URL or password can leak out.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol, cast
 
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.web.http import Request
 from twisted.web.resource import IResource, Resource
 
 from amqp_consumer import __version__
 from amqp_consumer.httpserver import NotFound, ResourceFactory
 from amqp_consumer.listen import Listener
-from amqp_consumer.metrics import OUTCOMES
-
-if TYPE_CHECKING:
-    from amqp_consumer.daemon import Daemon
+from amqp_consumer.status import Snapshot
 
 _JSON = b"application/json; charset=utf-8"
 _TEXT = b"text/plain; charset=utf-8"
 
 
-def status_document(daemon: Daemon) -> dict[str, Any]:
-    """The daemon's state as one JSON-ready dict: GET /status and the manhole's status()."""
-    consumer = daemon.consumer
-    metrics = daemon.metrics
-    dispatcher = consumer.dispatcher
-    doc = daemon.state.as_dict()
-    doc["inflight"] = {
-        "count": len(consumer.inflight),
-        "oldest_seconds": round(consumer.inflight.oldest_age(), 3),
-        # the delivery nearest its queue's consumer ack timeout: queue, message_id, age, limit, percent
-        "ack_timeout": consumer.ack_timeouts.nearest(),
-    }
-    doc["messages"] = {
-        label: {outcome: int(metrics.value(outcome, label)) for outcome in OUTCOMES}
-        for label in metrics.counters["received"]
-    }
-    doc["ack_timeouts"] = dict(metrics.ack_timeouts)
-    doc["workers"] = {
-        "kind": "async" if dispatcher.is_async else "threads",
-        "busy": dispatcher.busy,
-        "total": 0 if dispatcher.is_async else dispatcher.workers,
-        "waiting": dispatcher.pending,
-    }
-    doc["version"] = __version__
-    doc["pid"] = os.getpid()
-    doc["time"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
-    return doc
+class Reported(Protocol):
+    """What health reads: the daemon's snapshot and its metrics text; fatal() if it cannot listen."""
+
+    def snapshot(self) -> Snapshot: ...
+    def exposition(self) -> bytes: ...
+    def fatal(self, code: int, why: str) -> None: ...
+
+
+def status_document(source: Reported) -> dict[str, Any]:
+    """The daemon's state as one JSON-ready dict: GET /status (the manhole's status() is the same document)."""
+    return source.snapshot().document()
 
 
 def _json(request: Request, code: int, body: Any) -> bytes:
@@ -67,12 +50,15 @@ def _json(request: Request, code: int, body: Any) -> bytes:
 class _Leaf(Resource):
     isLeaf = True
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, source: Reported) -> None:
         super().__init__()
-        self.daemon = daemon
+        self.source = source
+
+    def render_GET(self, request: Request) -> bytes:
+        raise NotImplementedError
 
     def render_HEAD(self, request: Request) -> bytes:
-        return self.render_GET(request)  # type: ignore[attr-defined,no-any-return]
+        return self.render_GET(request)
 
 
 class Live(_Leaf):
@@ -88,8 +74,8 @@ class Ready(_Leaf):
     """200 while consuming on every configured queue; 503 with the reason otherwise."""
 
     def render_GET(self, request: Request) -> bytes:
-        ready, reason = self.daemon.state.readiness()
-        return _json(request, 200 if ready else 503, {"ready": ready, "reason": reason})
+        snap = self.source.snapshot()
+        return _json(request, 200 if snap.ready else 503, {"ready": snap.ready, "reason": snap.reason})
 
 
 class MetricsPage(_Leaf):
@@ -99,14 +85,14 @@ class MetricsPage(_Leaf):
         from prometheus_client import CONTENT_TYPE_LATEST  # loaded at the first scrape (see metrics.py)
 
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return self.daemon.metrics.exposition()
+        return self.source.exposition()
 
 
 class Status(_Leaf):
     """Everything /ready and /metrics know, as one JSON document."""
 
     def render_GET(self, request: Request) -> bytes:
-        return _json(request, 200, status_document(self.daemon))
+        return _json(request, 200, status_document(self.source))
 
 
 class Index(_Leaf):
@@ -122,14 +108,14 @@ class Index(_Leaf):
 
 
 class Root(Resource):
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, source: Reported) -> None:
         super().__init__()
-        self._index = Index(daemon)
+        self._index = Index(source)
         self._not_found = NotFound("No such resource", "Try /live, /ready, /metrics or /status.")
-        self.putChild(b"live", Live(daemon))
-        self.putChild(b"ready", Ready(daemon))
-        self.putChild(b"metrics", MetricsPage(daemon))
-        self.putChild(b"status", Status(daemon))
+        self.putChild(b"live", Live(source))
+        self.putChild(b"ready", Ready(source))
+        self.putChild(b"metrics", MetricsPage(source))
+        self.putChild(b"status", Status(source))
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
@@ -137,13 +123,17 @@ class Root(Resource):
         return self._not_found
 
 
-def service(reactor: Any, daemon: Daemon, description: str) -> Listener:
-    """The HTTP listener as a service (for ``[health] listen``)."""
+def service(
+    reactor: IReactorTCP, source: Reported, description: str, on_error: Callable[[int, str], None] | None = None
+) -> Listener:
+    """The HTTP listener as a service (for ``[health] listen``); a failure to listen goes to
+    on_error, by default source.fatal."""
     return Listener(
         reactor,
         "health",
         description,
-        ResourceFactory(Root(daemon), reactor),
-        on_error=daemon.fatal,
+        # The daemon's reactor provides both; the clock only dates the answers.
+        ResourceFactory(Root(source), cast(IReactorTime, reactor)),
+        on_error=on_error or source.fatal,
         announce=lambda address: f"serving /live /ready /metrics /status on http://{address}/",
     )

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from amqp_consumer.connection import Channel
 from amqp_consumer.message import Message
+from amqp_consumer.metricdefs import METRICS
 from amqp_consumer.metrics import Metrics
 from amqp_consumer.outcomes import NOT_RUN, Ack, Halt, NotRun, Outcome, Quarantine, Reject, Requeue, RetryAfter
 
@@ -301,3 +302,15 @@ class Settler:
     def disconnected(self) -> None:
         """The connection went: every channel's close listener has dropped its deliveries."""
         self._acks.clear()
+
+
+# --- the figures owned here, for /metrics (read from the status snapshot at scrape time) ----
+
+INFLIGHT = METRICS.gauge(
+    "amqp_consumer_inflight", "Deliveries received and not yet settled", value=lambda s: float(s.inflight.count)
+)
+OLDEST_INFLIGHT = METRICS.gauge(
+    "amqp_consumer_oldest_inflight_seconds",
+    "Age of the oldest unsettled delivery",
+    value=lambda s: s.inflight.oldest_seconds,
+)

@@ -5,7 +5,9 @@ file read at startup; there is no password checker at all. The server's host
 key is an ed25519 key kept in a file (mode 0600), generated on first start.
 
 The shell runs on the reactor thread: anything slow typed there stalls the
-daemon (heartbeats included) until it returns.
+daemon (heartbeats included) until it returns. Its status() is the status
+snapshot's document (status.py), the same one GET /status serves; the shell
+reaches the daemon through the operator controls in ``Operated``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pydoc
 import secrets
 import stat
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.conch import manhole, manhole_ssh
@@ -28,20 +30,31 @@ from twisted.conch.ssh import keys
 from twisted.conch.ssh.transport import DISCONNECT_BY_APPLICATION, SSHServerTransport
 from twisted.cred import portal
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
 
-from amqp_consumer.config import ConfigError, ManholeConfig, redacted
+from amqp_consumer.config import Config, ConfigError, ManholeConfig, redacted
 from amqp_consumer.listen import Listener
-
-if TYPE_CHECKING:
-    from amqp_consumer.config import Config
-    from amqp_consumer.daemon import Daemon
+from amqp_consumer.status import Snapshot
 
 log = Logger(namespace="amqp_consumer.manhole")
 
 HOST_KEY_NAME = "manhole_host_key"
+
+
+class Operated(Protocol):
+    """What the shell is given: the daemon's snapshot and its operator controls (daemon.Daemon)."""
+
+    config: Config
+
+    @property
+    def reactor(self) -> Any: ...
+    def snapshot(self) -> Snapshot: ...
+    def inflight(self) -> list[dict[str, Any]]: ...
+    def pause(self) -> Deferred[None]: ...
+    def resume(self) -> Deferred[None]: ...
+    def fatal(self, code: int, why: str) -> None: ...
 
 
 # --- host key and authorized keys ------------------------------------------------
@@ -235,27 +248,26 @@ class Help:
         return self.listing()
 
 
-def namespace(daemon: Daemon) -> dict[str, Any]:
+def namespace(daemon: Operated) -> dict[str, Any]:
     """What the shell sees: the running service and the operator helpers."""
-    from amqp_consumer.health import status_document
 
     def status() -> _Shown:
         """The daemon's state as a dict: the same document as GET /status."""
-        return _Shown(status_document(daemon))
+        return _Shown(daemon.snapshot().document())
 
     def inflight() -> _ShownList:
         """Deliveries received and not yet settled, oldest first, with their age in seconds."""
-        return _ShownList(daemon.consumer.inflight.snapshot())
+        return _ShownList(daemon.inflight())
 
-    def pause() -> Deferred:
+    def pause() -> Deferred[None]:
         """Stop consuming on every queue (in-flight deliveries still finish); /ready says "paused"."""
         log.info("manhole: pausing consumption")
-        return defer.ensureDeferred(daemon.consumer.subscription.pause())
+        return daemon.pause()
 
-    def resume() -> Deferred:
+    def resume() -> Deferred[None]:
         """Consume again after pause()."""
         log.info("manhole: resuming consumption")
-        return defer.ensureDeferred(daemon.consumer.subscription.resume())
+        return daemon.resume()
 
     config = redacted_config(daemon.config)
     ns: dict[str, Any] = {
@@ -321,7 +333,7 @@ class _Realm(manhole_ssh.TerminalRealm):
         return super().requestAvatar(avatarId, mind, *interfaces)
 
 
-def make_factory(daemon: Daemon, authorized: list[keys.Key], host_key: keys.Key) -> manhole_ssh.ConchFactory:
+def make_factory(daemon: Operated, authorized: list[keys.Key], host_key: keys.Key) -> manhole_ssh.ConchFactory:
     ns = namespace(daemon)
     realm = _Realm()
     # A copy per session: one operator's variables do not leak into another's.
@@ -335,8 +347,11 @@ def make_factory(daemon: Daemon, authorized: list[keys.Key], host_key: keys.Key)
     return factory
 
 
-def service(reactor: Any, daemon: Daemon, config: ManholeConfig) -> Listener:
-    """The manhole listener for ``[manhole]``; raises ConfigError for unusable key files."""
+def service(
+    reactor: IReactorTCP, daemon: Operated, config: ManholeConfig, on_error: Callable[[int, str], None] | None = None
+) -> Listener:
+    """The manhole listener for ``[manhole]``; raises ConfigError for unusable key files. A failure
+    to listen goes to on_error, by default daemon.fatal."""
     authorized = read_authorized_keys(config.authorized_keys)
     if not authorized:
         log.warn("manhole: {path} holds no usable key; nobody can log in", path=config.authorized_keys)
@@ -348,7 +363,7 @@ def service(reactor: Any, daemon: Daemon, config: ManholeConfig) -> Listener:
         "manhole",
         config.listen,
         make_factory(daemon, authorized, host_key),
-        on_error=daemon.fatal,
+        on_error=on_error or daemon.fatal,
         announce=lambda address: (
             f"SSH manhole on {address}, {len(authorized)} key(s) from {config.authorized_keys}, "
             f"host key {fingerprint}"

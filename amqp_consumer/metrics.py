@@ -1,21 +1,28 @@
-"""Prometheus metrics on a private registry.
+"""Prometheus metrics on a private registry, exposed from the metric definitions alone.
 
-The per-message counts and the callback-duration histogram are plain numbers
-bumped on the reactor thread (no lock) and turned into samples only when scraped.
-prometheus_client itself (about 1 MB resident with what it imports) is loaded at
-the first scrape of /metrics, not at start-up: a daemon nobody scrapes never holds it.
+Every ``amqp_consumer_*`` family comes from a definition (metricdefs.py, written
+by the module that owns the figure): at scrape time one status snapshot is
+taken and each definition reads its value from it, so /metrics says what
+/status says. The per-message counts and the callback-duration histogram are
+plain numbers bumped on the reactor thread (no lock), kept here, and turned
+into samples only when scraped. prometheus_client itself (about 1 MB resident
+with what it imports) is loaded at the first scrape of /metrics, not at
+start-up: a daemon nobody scrapes never holds it.
 """
 
 from __future__ import annotations
 
 import sys
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from amqp_consumer.state import BrokerNode
+from amqp_consumer.metricdefs import METRICS, Catalogue, Metric
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric as Family
+
+    from amqp_consumer.status import Snapshot
 
 
 def _no_created_series() -> None:
@@ -24,98 +31,61 @@ def _no_created_series() -> None:
     import prometheus_client
 
     if hasattr(prometheus_client, "disable_created_metrics"):
-        prometheus_client.disable_created_metrics()
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
 
 OUTCOMES = ("received", "acked", "requeued", "rejected", "quarantined")
-CONNECTION_STATES = ("connecting", "connected", "reconnecting", "closed")
+
+# --- the figures kept here -----------------------------------------------------------------
+
+MESSAGES = METRICS.counter(
+    "amqp_consumer_messages_total",
+    "Deliveries by queue and outcome",
+    labels=("queue", "outcome"),
+    series=lambda s: [
+        ((queue, outcome), float(n)) for outcome, by_queue in s.counters.messages.items() for queue, n in by_queue.items()
+    ],
+)
+# Counted on the quarantine's behalf (Metrics.quarantine_failed): it owns the event, this module the number.
+QUARANTINE_FAILURES = METRICS.counter(
+    "amqp_consumer_quarantine_failures_total",
+    "Messages whose quarantine copy could not be published (each then rejected or requeued)",
+    labels=("queue",),
+    series=lambda s: [((queue,), float(n)) for queue, n in s.counters.quarantine_failures.items()],
+)
+CALLBACK_DURATION = METRICS.histogram(
+    "amqp_consumer_callback_duration_seconds",
+    "Time the callback took per message",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 
 
-class _Live:
-    """Gauges computed at scrape time from the state, registry and dispatcher."""
+def family(metric: Metric, snapshot: Snapshot) -> Family:
+    """The samples of one gauge or counter definition, read from the snapshot."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    def __init__(self, read: Callable[[], dict[str, float]], connection_state: Callable[[], str]) -> None:
-        self._read = read
-        self._connection_state = connection_state
-
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        helps = {
-            "amqp_consumer_inflight": "Deliveries received and not yet settled",
-            "amqp_consumer_oldest_inflight_seconds": "Age of the oldest unsettled delivery",
-            "amqp_consumer_connected": "1 while an AMQP connection is open",
-            "amqp_consumer_ready": "1 while consuming on every configured queue",
-            "amqp_consumer_standby": "1 while a single-active-consumer queue has sent this consumer nothing yet",
-            "amqp_consumer_blocked": "1 while the broker blocks publishing (memory or disk alarm)",
-            "amqp_consumer_reconnects_total": "Reconnections after a lost connection",
-            "amqp_consumer_last_delivery_timestamp_seconds": "Unix time of the last delivery",
-            "amqp_consumer_workers_busy": "Worker threads (or async callbacks) running",
-            "amqp_consumer_workers_total": "Worker threads configured",
-        }
-        for name, value in self._read().items():
-            kind = "counter" if name.endswith("_total") else "gauge"
-            if kind == "counter":
-                yield CounterMetricFamily(name[: -len("_total")], helps[name], value=value)
-            else:
-                yield GaugeMetricFamily(name, helps[name], value=value)
-        current = self._connection_state()
-        family = GaugeMetricFamily("amqp_consumer_connection_state", "1 for the current connection state", labels=["state"])
-        for state in CONNECTION_STATES:
-            family.add_metric([state], 1.0 if state == current else 0.0)
-        yield family
+    make = CounterMetricFamily if metric.kind == "counter" else GaugeMetricFamily
+    if metric.value is not None:
+        return make(metric.family, metric.doc, value=metric.value(snapshot))
+    assert metric.series is not None  # metricdefs checks one reader or the other
+    fam = make(metric.family, metric.doc, labels=list(metric.labels))
+    for labels, value in metric.series(snapshot):
+        fam.add_metric(list(labels), value)
+    return fam
 
 
-class _Node:
-    """Which node we are connected to, and what it runs: one series while connected, none otherwise."""
+class _FromSnapshot:
+    """Every defined gauge and counter, read from one snapshot per scrape."""
 
-    def __init__(self, read: Callable[[], BrokerNode | None]) -> None:
-        self._read = read
+    def __init__(self, snapshot: Callable[[], Snapshot], catalogue: Catalogue) -> None:
+        self._snapshot = snapshot
+        self._catalogue = catalogue
 
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
-        family = GaugeMetricFamily(
-            "amqp_consumer_connected_node",
-            "1 for the broker node (host:port of its URL) of the open AMQP connection",
-            labels=["node", "cluster", "version"],
-        )
-        node = self._read()
-        if node is not None:
-            family.add_metric([node.node, node.cluster_name, node.version], 1.0)
-        yield family
-
-
-class _Counts:
-    def __init__(self, counts: dict[str, dict[str, int]]) -> None:
-        self._counts = counts
-
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily
-
-        family = CounterMetricFamily(
-            "amqp_consumer_messages", "Deliveries by queue and outcome", labels=["queue", "outcome"]
-        )
-        for outcome, by_queue in self._counts.items():
-            for queue, n in by_queue.items():
-                family.add_metric([queue, outcome], n)
-        yield family
-
-
-class _PerQueue:
-    """A counter by queue."""
-
-    def __init__(self, name: str, documentation: str, counts: dict[str, int]) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._counts = counts
-
-    def collect(self) -> Iterable[Any]:
-        from prometheus_client.core import CounterMetricFamily
-
-        family = CounterMetricFamily(self._name, self._documentation, labels=["queue"])
-        for queue, n in self._counts.items():
-            family.add_metric([queue], n)
-        yield family
+    def collect(self) -> Iterator[Family]:
+        snap = self._snapshot()
+        for metric in self._catalogue:
+            if metric.kind != "histogram":
+                yield family(metric, snap)
 
 
 class Durations:
@@ -127,10 +97,9 @@ class Durations:
     Buckets follow Prometheus' convention: a value equal to a bound counts in it.
     """
 
-    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.bounds = tuple(sorted(float(b) for b in buckets))
+    def __init__(self, metric: Metric) -> None:
+        self.metric = metric
+        self.bounds = tuple(float(b) for b in metric.buckets)
         self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
@@ -138,7 +107,7 @@ class Durations:
         self.counts[bisect_left(self.bounds, seconds)] += 1
         self.sum += seconds
 
-    def collect(self) -> Iterable[Any]:
+    def collect(self) -> Iterable[Family]:
         from prometheus_client.core import HistogramMetricFamily
         from prometheus_client.utils import floatToGoString
 
@@ -148,7 +117,7 @@ class Durations:
         for bound, n in zip(labels, self.counts):
             running += n
             cumulative.append((bound, running))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
+        yield HistogramMetricFamily(self.metric.name, self.metric.doc, buckets=cumulative, sum_value=self.sum)
 
 
 class _Process:
@@ -156,34 +125,18 @@ class _Process:
 
 
 class Metrics:
-    def __init__(self, queues: Iterable[str]) -> None:
+    """The counts bumped per message, and the registry /metrics is rendered from."""
+
+    def __init__(self, queues: Iterable[str], catalogue: Catalogue = METRICS) -> None:
+        self._catalogue = catalogue
         # In the order of the exposition; the registry is made from them at the first scrape.
         self._collectors: list[Any] = []
         self._registry: CollectorRegistry | None = None
         # Only ever changed on the reactor thread.
         self.counters: dict[str, dict[str, int]] = {o: {} for o in OUTCOMES}
-        self._collectors.append(_Counts(self.counters))
         self.quarantine_failures: dict[str, int] = {}
-        self._collectors.append(
-            _PerQueue(
-                "amqp_consumer_quarantine_failures",
-                "Messages whose quarantine copy could not be published (each then rejected or requeued)",
-                self.quarantine_failures,
-            )
-        )
         self.ack_timeouts: dict[str, int] = {}
-        self._collectors.append(
-            _PerQueue(
-                "amqp_consumer_ack_timeouts",
-                "Times the broker took deliveries back because they stayed unacknowledged past its consumer timeout",
-                self.ack_timeouts,
-            )
-        )
-        self.duration = Durations(
-            "amqp_consumer_callback_duration_seconds",
-            "Time the callback took per message",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-        )
+        self.duration = Durations(CALLBACK_DURATION)
         self._collectors.append(self.duration)
         self._collectors.append(_Process())  # process_cpu_seconds_total, memory, open fds, start time
         for q in queues:
@@ -207,11 +160,6 @@ class Metrics:
             self._registry = registry
         return self._registry
 
-    def _register(self, collector: Any) -> None:
-        self._collectors.append(collector)
-        if self._registry is not None:
-            self._registry.register(collector)
-
     def bind_queue(self, label: str) -> None:
         for outcome in OUTCOMES:
             self.counters[outcome].setdefault(label, 0)
@@ -221,13 +169,12 @@ class Metrics:
     def quarantine_failed(self, label: str) -> None:
         self.quarantine_failures[label] = self.quarantine_failures.get(label, 0) + 1
 
-    def watch(self, read: Callable[[], dict[str, float]], connection_state: Callable[[], str]) -> None:
-        """Figures read at scrape time, so they can never disagree with the state they come from."""
-        self._register(_Live(read, connection_state))
-
-    def watch_node(self, read: Callable[[], BrokerNode | None]) -> None:
-        """read() gives the node of the open connection, or None."""
-        self._register(_Node(read))
+    def watch(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Expose every defined gauge and counter, read from snapshot() when scraped."""
+        collector = _FromSnapshot(snapshot, self._catalogue)
+        self._collectors.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
 
     def value(self, outcome: str, queue: str) -> float:
         return self.counters[outcome][queue]

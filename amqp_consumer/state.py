@@ -1,31 +1,17 @@
-"""The one answer to "are we consuming, and if not, why": health, metrics, manhole and sd_notify read it."""
+"""The daemon's mutable state: connection, per-queue consuming and its reason, flags, and change notices.
+
+It only records; status.take() turns it (with the other parts' figures) into
+the frozen snapshot every surface reads, and decides readiness there. The
+connection figures of /metrics are defined here, next to what they count.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterable
 
-
-STANDBY_REASON = (
-    "single active consumer: no delivery on this consumer yet; another consumer is active, "
-    "or this one is and the queue has been empty (AMQP 0-9-1 does not say which)"
-)
-
-
-def _node_dict(node: BrokerNode | None) -> dict[str, str | None]:
-    if node is None:
-        return {"node": None, "broker_product": None, "broker_version": None, "cluster_name": None}
-    return {
-        "node": node.node,
-        "broker_product": node.product,
-        "broker_version": node.version,
-        "cluster_name": node.cluster_name,
-    }
-
-
-def _iso(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="seconds")
+from amqp_consumer.metricdefs import METRICS
+from amqp_consumer.status import take
 
 
 @dataclass(frozen=True)
@@ -46,7 +32,12 @@ class BrokerNode:
         return f"{what}, cluster {self.cluster_name}" if self.cluster_name else what
 
 
+CONNECTION_STATES = ("connecting", "connected", "reconnecting", "closed")
+
+
 class State:
+    """What the consumer's parts report as it happens; read through status.take, never by the surfaces."""
+
     def __init__(self, clock: Callable[[], float], queues: tuple[str, ...]) -> None:
         self._clock = clock
         self.connection = "connecting"  # connecting | connected | reconnecting | closed
@@ -116,10 +107,6 @@ class State:
             self.single_active[queue] = active
             self._changed()
 
-    def standby(self) -> list[str]:
-        """Single-active-consumer queues we consume but have had no delivery from yet."""
-        return [q for q, active in self.single_active.items() if not active and self.consuming[q]]
-
     def set_flag(self, name: str, value: bool) -> None:
         setattr(self, name, value)
         self._changed()
@@ -134,64 +121,51 @@ class State:
         self._changed()
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, why not); ready means connected and consuming on every configured queue."""
-        if self.stop_reason:
-            # "closed" is the consumer's last step on stop: the connection is gone.
-            return False, f"{'stopped' if self.connection == 'closed' else 'stopping'}: {self.stop_reason}"
-        if self.halted:
-            return False, "halted"
-        if self.draining:
-            return False, "draining"
-        if self.paused:
-            return False, "paused"
-        if self.connection == "connecting":
-            return False, "connecting"
-        if self.connection != "connected":
-            return False, f"{self.connection} since {_iso(self.connection_since)}" + (
-                f": {self.connection_detail}" if self.connection_detail else ""
-            )
-        idle = [q for q, on in self.consuming.items() if not on]
-        if idle:
-            return False, "; ".join(f"queue {q or '(server-named)'!r}: {self.queue_reason[q]}" for q in idle)
-        if self.standby():
-            return True, "standby"
-        return True, "consuming"
-
-    def summary(self) -> str:
-        """One line for sd_notify STATUS= and logs."""
-        ready, why = self.readiness()
-        if ready:
-            waiting = f", standby on {len(self.standby())} (single active consumer)" if why == "standby" else ""
-            return f"consuming {len(self.consuming)} queue(s) from {self.broker}{waiting}"
-        return why
-
-    def _queue_dict(self, q: str, on: bool) -> dict[str, Any]:
-        doc: dict[str, Any] = {"consuming": on, "reason": self.queue_reason[q]}
-        if q in self.single_active:
-            role = "active" if self.single_active[q] else "standby"
-            doc["single_active_consumer"] = role if on else None
-            if on and role == "standby":
-                doc["reason"] = STANDBY_REASON
-        return doc
+        """(ready, why not) as the snapshot decides it, from the state alone."""
+        snap = take(self)
+        return snap.ready, snap.reason
 
     def as_dict(self) -> dict[str, Any]:
-        ready, why = self.readiness()
-        return {
-            "ready": ready,
-            "reason": why,
-            "connection": {
-                "state": self.connection,
-                "since": _iso(self.connection_since),
-                "detail": self.connection_detail,
-                "broker": self.broker,
-                **_node_dict(self.node),
-                "reconnects": self.reconnects,
-                "blocked": self.blocked,
-                "blocked_reason": self.blocked_reason,
-            },
-            "queues": {q or "(server-named)": self._queue_dict(q, on) for q, on in self.consuming.items()},
-            "paused": self.paused,
-            "draining": self.draining,
-            "halted": self.halted,
-            "last_delivery": _iso(self.last_delivery),
-        }
+        """The /status document, as far as the state alone knows it."""
+        return take(self).document()
+
+
+# --- the figures owned here, for /metrics (read from the snapshot at scrape time) -----------
+
+CONNECTED = METRICS.gauge(
+    "amqp_consumer_connected",
+    "1 while an AMQP connection is open",
+    value=lambda s: 1.0 if s.connection.state == "connected" else 0.0,
+)
+CONNECTION_STATE = METRICS.gauge(
+    "amqp_consumer_connection_state",
+    "1 for the current connection state",
+    labels=("state",),
+    series=lambda s: [((state,), 1.0 if state == s.connection.state else 0.0) for state in CONNECTION_STATES],
+)
+CONNECTED_NODE = METRICS.gauge(
+    "amqp_consumer_connected_node",
+    "1 for the broker node (host:port of its URL) of the open AMQP connection",
+    labels=("node", "cluster", "version"),
+    series=lambda s: [] if (n := s.connection.node) is None else [((n.node, n.cluster_name, n.version), 1.0)],
+)
+STANDBY = METRICS.gauge(
+    "amqp_consumer_standby",
+    "1 while a single-active-consumer queue has sent this consumer nothing yet",
+    value=lambda s: 1.0 if s.standby else 0.0,
+)
+BLOCKED = METRICS.gauge(
+    "amqp_consumer_blocked",
+    "1 while the broker blocks publishing (memory or disk alarm)",
+    value=lambda s: 1.0 if s.connection.blocked else 0.0,
+)
+RECONNECTS = METRICS.counter(
+    "amqp_consumer_reconnects_total",
+    "Reconnections after a lost connection",
+    value=lambda s: float(s.connection.reconnects),
+)
+LAST_DELIVERY = METRICS.gauge(
+    "amqp_consumer_last_delivery_timestamp_seconds",
+    "Unix time of the last delivery",
+    value=lambda s: s.last_delivery or 0.0,
+)

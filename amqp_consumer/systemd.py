@@ -2,9 +2,10 @@
 
 Active only when systemd set ``$NOTIFY_SOCKET`` (``Type=notify`` units).
 READY=1 goes out as soon as the services are up, not when the broker answers:
-a broker outage must not fail the unit's start. STATUS= follows the state's
-one-line summary, sent only when it changes; after a fatal error the last one
-says why the daemon stopped, which the failed unit keeps. WATCHDOG=1 is sent every half
+a broker outage must not fail the unit's start. STATUS= is the status
+snapshot's one line (status.py, the same snapshot /ready reads), taken when
+the state says it changed and sent only when the line changes; after a fatal
+error the last one says why the daemon stopped, which the failed unit keeps. WATCHDOG=1 is sent every half
 ``$WATCHDOG_USEC`` from a reactor timer, so a stuck reactor stops the pings
 and systemd restarts the daemon.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Mapping
+from typing import Callable, Mapping, Protocol
 
 from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from amqp_consumer.state import State
+from amqp_consumer.status import Snapshot
 
 log = Logger(namespace="amqp_consumer.systemd")
 
@@ -84,25 +86,36 @@ class Notifier:
         self._sock.close()
 
 
+class Fed(Protocol):
+    """What systemd reads: the daemon's snapshot, and a notice after each change of its state."""
+
+    def snapshot(self) -> Snapshot: ...
+    def subscribe(self, listener: Callable[[], None]) -> None: ...
+
+
+class Sender(Protocol):
+    def send(self, *assignments: str) -> bool: ...
+
+
 class SystemdNotify(Service):
     """READY=1 on start, STATUS= on state changes, WATCHDOG=1 while the reactor turns, STOPPING=1 on stop."""
 
     name = "systemd"
 
-    def __init__(self, reactor: Any, state: State, notifier: Notifier, watchdog: float | None) -> None:
+    def __init__(self, reactor: IReactorTime, status: Fed, notifier: Sender, watchdog: float | None) -> None:
         self._reactor = reactor
-        self.state = state
+        self._status = status
         self.notifier = notifier
         self.watchdog = watchdog
         self._pinger: LoopingCall | None = None
         self._last_status: str | None = None
         self._stopping_sent = False
-        state.subscribe(self._state_changed)
+        status.subscribe(self._state_changed)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self._stopping_sent = False
-        self._last_status = self.state.summary()
+        self._last_status = self._status.snapshot().status_line()
         self.notifier.send("READY=1", f"STATUS={self._last_status}")
         if self.watchdog is not None and self._pinger is None:
             self._pinger = LoopingCall(self.notifier.send, "WATCHDOG=1")
@@ -112,18 +125,19 @@ class SystemdNotify(Service):
     def _state_changed(self) -> None:
         if not self.running:
             return
-        if self.state.draining and not self._stopping_sent:
+        snap = self._status.snapshot()
+        if snap.draining and not self._stopping_sent:
             # Shutdown starts with the drain, long before this service stops.
-            self._send_stopping()
+            self._send_stopping(snap)
             return
-        status = self.state.summary()
+        status = snap.status_line()
         if status != self._last_status:
             self._last_status = status
             self.notifier.send(f"STATUS={status}")
 
-    def _send_stopping(self) -> None:
+    def _send_stopping(self, snap: Snapshot) -> None:
         self._stopping_sent = True
-        status = self.state.summary()
+        status = snap.status_line()
         if status == self._last_status:
             self.notifier.send("STOPPING=1")
             return
@@ -132,17 +146,17 @@ class SystemdNotify(Service):
 
     def stopService(self) -> None:
         if not self._stopping_sent:
-            self._send_stopping()
-        super().stopService()
+            self._send_stopping(self._status.snapshot())
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._pinger is not None and self._pinger.running:
             self._pinger.stop()
         self._pinger = None
 
 
-def service(reactor: Any, state: State, environ: Mapping[str, str] | None = None) -> SystemdNotify | None:
+def service(reactor: IReactorTime, status: Fed, environ: Mapping[str, str] | None = None) -> SystemdNotify | None:
     """The notifier for this process's environment, or None when not run by systemd as Type=notify."""
     env = os.environ if environ is None else environ
     address = env.get("NOTIFY_SOCKET", "")
     if not address:
         return None
-    return SystemdNotify(reactor, state, Notifier(address), watchdog_interval(env))
+    return SystemdNotify(reactor, status, Notifier(address), watchdog_interval(env))

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 
 from amqp_consumer import systemd
 from amqp_consumer.state import State
+from amqp_consumer.status import Status
 from tests.support.broker import Broker
 from tests.support.daemonproc import DaemonProcess, daemon_config, env_for
 from tests.support.ops import NotifySocket
@@ -41,7 +42,7 @@ def make(watchdog: float | None = 1.5, queues: tuple[str, ...] = ("a", "b")) -> 
     clock = Clock()
     state = State(clock.seconds, queues)
     recorder = Recorder()
-    return clock, state, recorder, systemd.SystemdNotify(clock, state, recorder, watchdog)  # type: ignore[arg-type]
+    return clock, state, recorder, systemd.SystemdNotify(clock, Status(state), recorder, watchdog)
 
 
 # --- environment -----------------------------------------------------------------------
