@@ -1,6 +1,7 @@
-"""The consumer: lifecycle and drain; it wires the parts that do the work.
+"""The consumer: lifecycle and drain of the parts that do the work.
 
-A message's path from socket to ack is told in pipeline.py. The parts, each
+The parts are built and wired by the assembly (tap.assemble_consumer) and
+passed in; this module builds none of them. A message's path from socket to ack is told in pipeline.py. The parts, each
 in a module named for its concern: the subscription (subscription.py: channel,
 declare, QoS, consume, recovery), the callback runner (dispatch.py), the
 in-flight registry and the settler (inflight.py: the only place deciding what
@@ -11,32 +12,28 @@ share one backoff.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from amqp_consumer import exitcodes
-from amqp_consumer.backoff import Backoff
-from amqp_consumer.brokerlimits import AckTimeoutWatch, ack_timeouts, warn_quorum_without_dead_letter
+from amqp_consumer.brokerlimits import AckTimeoutWatch, warn_quorum_without_dead_letter
 from amqp_consumer.config import Config
 from amqp_consumer.connection import Connector
 from amqp_consumer.deferreds import first
 from amqp_consumer.dispatch import Dispatcher
-from amqp_consumer.inflight import InFlight, Settler
-from amqp_consumer.message import Message
-from amqp_consumer.metrics import Metrics
+from amqp_consumer.inflight import FailurePolicy, InFlight, Settler
 from amqp_consumer.pipeline import Pipeline
 from amqp_consumer.publisher import Publisher
-from amqp_consumer.quarantine import Quarantine
 from amqp_consumer.state import State
 from amqp_consumer.subscription import Subscription, configured_name, queue_label
 
 log = Logger(namespace="amqp_consumer.consumer")
 
-__all__ = ["Consumer", "queue_label", "single_active_queues"]
+__all__ = ["Consumer", "has_dead_letter", "queue_label", "single_active_queues"]
 
 
 def single_active_queues(config: Config) -> list[str]:
@@ -47,53 +44,55 @@ def single_active_queues(config: Config) -> list[str]:
     ]
 
 
+def has_dead_letter(config: Config, label: str) -> bool:
+    """Whether the queue behind a label is declared with a dead-letter exchange (the quarantine asks)."""
+    configured = configured_name(label)
+    return any(q.name == configured and "x-dead-letter-exchange" in q.arguments for q in config.queues)
+
+
 class Consumer(Service):
-    """Connects, declares, consumes and settles every delivery; drains on stop."""
+    """Starts the parts that consume, and on stop cancels, drains, flushes and closes them in order.
+
+    Every part is built by the assembly (tap.py) and passed in; the settler and
+    the subscription report back through ``halt``, ``settled``, ``check_drained``
+    and ``is_running``. The parts are kept as attributes for the operator's shell.
+    """
+
+    name = "consumer"
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IReactorTime,
         config: Config,
-        callback: Callable[[Message], Any],
         state: State,
-        metrics: Metrics,
+        *,
+        inflight: InFlight,
+        settler: Settler,
+        dispatcher: Dispatcher,
+        quarantine: FailurePolicy,
+        pipeline: Pipeline,
+        publisher: Publisher,
+        subscription: Subscription,
+        connector: Connector,
+        ack_timeouts: AckTimeoutWatch,
         on_halt: Callable[[int], None],
-        on_fatal: Callable[[int, str], None],
     ) -> None:
         self._reactor = reactor
         self.config = config
         self.state = state
-        self.metrics = metrics
+        self.inflight = inflight
+        self.settler = settler
+        self.dispatcher = dispatcher
+        self.quarantine = quarantine
+        self.pipeline = pipeline
+        self.publisher = publisher
+        self.subscription = subscription
+        self.connector = connector
+        self.ack_timeouts = ack_timeouts
         self._on_halt = on_halt
-        self._on_fatal = lambda error: on_fatal(exitcodes.NOPERM, str(error))
-        self.inflight = InFlight()
-        self.settler = Settler(reactor, self.inflight, metrics, self.halt, self._settled, lambda: bool(self.running))
-        self.dispatcher = Dispatcher(reactor, callback, config.consumer.workers, self.settler.results)
-        self.publisher = Publisher()
-        self.quarantine = Quarantine(reactor, self.publisher, metrics, self.settler, self._has_dead_letter)
-        self.settler.failures = self.quarantine
-        self.pipeline = Pipeline(self.inflight, metrics, state, self.quarantine, self.dispatcher)
-        self.ack_timeouts = AckTimeoutWatch(
-            reactor, {queue_label(q): t for q, t in ack_timeouts(config).items()}, self.inflight.__iter__
-        )
-        # One backoff for reconnecting and for reopening channels: it restarts only
-        # once consuming has started on every queue (see Subscription._consume).
-        backoff = Backoff(config.amqp.reconnect_min_delay, config.amqp.reconnect_max_delay)
-        self.subscription = Subscription(
-            reactor, config, state, metrics, self.inflight, self.settler, self.dispatcher, self.pipeline,
-            self.publisher, self.ack_timeouts, backoff, lambda: self.connector.target, lambda: bool(self.running),
-            self._check_drained,
-        )
-        sub = self.subscription
-        self.connector = Connector(
-            reactor, config.amqp, sub.session_up, sub.connection_failed, self._on_fatal, backoff=backoff
-        )
-        self.connector.explain_loss = sub.explain_loss
         self._drained: Deferred[None] | None = None
         self._skip_wait: Deferred[None] | None = None
         self.halt_code: int | None = None
-        state.broker = self.connector.target
-        state.watch_single_active(single_active_queues(config))
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -145,16 +144,20 @@ class Consumer(Service):
         self.state.set_connection("closed", "stopped")
         self.dispatcher.stop(join=not timed_out)
 
+    def is_running(self) -> bool:
+        return bool(self.running)
+
     def halt(self, code: int) -> None:
+        """A callback asked to stop the daemon with this exit code (HaltConsumer); the first code wins."""
         if self.halt_code is None:
             self.halt_code = code
             self.state.set_flag("halted", True)
             self._on_halt(code)
 
-    def _settled(self) -> None:
-        """After each delivery leaves the registry."""
+    def settled(self) -> None:
+        """After each delivery leaves the registry (the settler calls it)."""
         if self._drained is not None:
-            self._check_drained()
+            self.check_drained()
         if self.subscription.waiting:
             self.subscription.resume_when_ready()
 
@@ -162,10 +165,7 @@ class Consumer(Service):
         """Nothing in flight and no callback running, not even one whose channel is gone."""
         return not len(self.inflight) and not self.dispatcher.busy
 
-    def _check_drained(self) -> None:
+    def check_drained(self) -> None:
+        """The drain ends once nothing is in flight and no callback runs."""
         if self._drained is not None and not self._drained.called and self._drained_now():
             self._drained.callback(None)
-
-    def _has_dead_letter(self, label: str) -> bool:
-        configured = configured_name(label)
-        return any(q.name == configured and "x-dead-letter-exchange" in q.arguments for q in self.config.queues)

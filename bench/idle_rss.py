@@ -175,7 +175,7 @@ from twisted.plugin import getPlugins
 list(getPlugins(IServiceMaker))  # twistd's plugin scan
 from amqp_consumer import tap
 tap.makeService  # noqa
-import amqp_consumer.build, amqp_consumer.daemon
+import amqp_consumer.consumer, amqp_consumer.daemon
 """
 
 FLOOR = "import twisted.internet.epollreactor"
@@ -193,7 +193,10 @@ list(getPlugins(IServiceMaker))
     ("pika and its Twisted adapter", "import pika.adapters.twisted_connection"),
     ("Twisted's ClientService and endpoints", "import twisted.application.internet, twisted.internet.endpoints"),
     ("amqp_consumer.tap: config, callback loading, the consumer", "import amqp_consumer.tap"),
-    ("amqp_consumer.build: daemon, health on twisted.web.http, systemd", "import amqp_consumer.build"),
+    (
+        "tap.assemble's imports: the consumer, the daemon, health on twisted.web.http, systemd",
+        "import amqp_consumer.consumer, amqp_consumer.daemon, amqp_consumer.health, amqp_consumer.systemd",
+    ),
 ]
 
 # What an idle daemon (example-like config) does not hold, each measured on top of all of BREAKDOWN.

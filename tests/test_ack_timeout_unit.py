@@ -29,6 +29,7 @@ from amqp_consumer.outcomes import ACK, Outcome
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
 from amqp_consumer.state import State
+from tests.support.inprocess import assembled_consumer
 from tests.test_settle_unit import FakeChannel as SettleChannel
 
 TIMEOUT_CLOSE = (
@@ -85,7 +86,7 @@ def make_consumer(tmp_path: Path, workers: int = 1, queue_args: str = '{"x-consu
     )
     config = load(p)
     reactor = MemoryReactorClock()
-    c = Consumer(reactor, config, lambda m: None, State(reactor.seconds, ("q",)), Metrics(["q"]), lambda code: None,
+    c = assembled_consumer(reactor, config, lambda m: None, State(reactor.seconds, ("q",)), Metrics(["q"]), lambda code: None,
                  lambda code, why: None)
     c.dispatcher.submit = c.dispatcher._pending.append  # type: ignore[method-assign]  # waiting, never pumped
     c.startService()
@@ -359,7 +360,7 @@ def test_a_quorum_queue_without_dead_letter_exchange_is_named_at_start(tmp_path:
     )
     config = load(p)
     reactor = MemoryReactorClock()
-    c = Consumer(reactor, config, lambda m: None, State(reactor.seconds, config.consumed_queues),
+    c = assembled_consumer(reactor, config, lambda m: None, State(reactor.seconds, config.consumed_queues),
                  Metrics(config.consumed_queues), lambda code: None, lambda code, why: None)
     c.startService()
     warned = [x for x in logged if "without a dead-letter exchange" in x]

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import pytest_twisted
 
-from amqp_consumer.daemon import Daemon
 from tests.conftest import until
 from tests.support.broker import Broker
-from tests.support.inprocess import inprocess_config
+from tests.support.inprocess import in_process, inprocess_config
 
 
 @pytest_twisted.ensureDeferred
 async def test_channel_closed_by_broker_reopens_and_consumes(reactor, tmp_path, broker: Broker, queue):
     seen: list[str] = []
     exits: list[int] = []
-    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, broker.url), lambda m: seen.append(m.id), on_exit=exits.append)
+    daemon = in_process(reactor, inprocess_config(tmp_path, queue, broker.url), lambda m: seen.append(m.id), on_exit=exits.append)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
@@ -45,7 +44,7 @@ async def test_delivery_from_a_closed_channel_is_never_acked_on_the_new_one(reac
         if not m.redelivered:
             gate.wait(10)
 
-    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, broker.url), cb, on_exit=lambda c: None)
+    daemon = in_process(reactor, inprocess_config(tmp_path, queue, broker.url), cb, on_exit=lambda c: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")

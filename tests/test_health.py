@@ -18,7 +18,7 @@ from twisted.internet import threads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 
-from amqp_consumer import __version__, build, exitcodes, health
+from amqp_consumer import __version__, exitcodes, health, tap
 from amqp_consumer.config import AMQPConfig, Config, ConsumerConfig, HealthConfig, QueueConfig
 from amqp_consumer.inflight import Delivery
 from amqp_consumer.daemon import Daemon
@@ -26,6 +26,7 @@ from amqp_consumer.message import Message
 from tests.support.broker import Broker
 from tests.support.daemonproc import DaemonProcess, env_for, wait_until
 from tests.support.daemonproc import daemon_config as shared_config
+from tests.support.inprocess import in_process
 from tests.support.ops import HEALTH_ANYWHERE, health_port, http, http_json, metric_value, poll
 from tests.support.tcpproxy import TCPProxy
 
@@ -49,7 +50,7 @@ class _Channel:
 def served(reactor) -> Iterator[tuple[Daemon, int, list[int]]]:
     """A Daemon that is never started (no broker), with its HTTP listener on a free port."""
     exits: list[int] = []
-    daemon = Daemon(reactor, make_config(), lambda m: None, on_exit=exits.append)
+    daemon = in_process(reactor, make_config(), lambda m: None, on_exit=exits.append)
     listener = health.service(reactor, daemon, HEALTH_ANYWHERE)
     listener.startService()
     port = pytest_twisted.blockon(listener.when_listening()).getHost().port
@@ -204,9 +205,9 @@ async def test_no_access_log_and_no_secret_in_any_answer(served) -> None:
 def test_health_is_on_by_default_and_off_with_an_empty_listen() -> None:
     assert HealthConfig().listen == "tcp:9100:interface=127.0.0.1"
     fake = MemoryReactorClock()  # build() must not install signal handlers in the test process
-    on = build.build(fake, make_config(listen="tcp:9100:interface=127.0.0.1"), lambda m: None)
+    on = tap.build(fake, make_config(listen="tcp:9100:interface=127.0.0.1"), lambda m: None)
     assert on.getServiceNamed("health").description == "tcp:9100:interface=127.0.0.1"
-    off = build.build(fake, make_config(listen=""), lambda m: None)
+    off = tap.build(fake, make_config(listen=""), lambda m: None)
     with pytest.raises(KeyError):
         off.getServiceNamed("health")
 
@@ -215,7 +216,7 @@ def test_health_is_on_by_default_and_off_with_an_empty_listen() -> None:
 async def test_a_port_in_use_stops_the_daemon_with_78(reactor, served) -> None:
     _daemon, busy_port, _ = served
     exits: list[int] = []
-    other = Daemon(reactor, make_config(), lambda m: None, on_exit=exits.append)
+    other = in_process(reactor, make_config(), lambda m: None, on_exit=exits.append)
     listener = health.service(reactor, other, f"tcp:{busy_port}:interface=127.0.0.1")
     listener.startService()
     await listener.stopService()

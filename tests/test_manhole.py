@@ -25,7 +25,7 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
-from amqp_consumer import build, exitcodes, health, manhole
+from amqp_consumer import exitcodes, health, manhole, tap
 from amqp_consumer.config import (
     AMQPConfig,
     Config,
@@ -40,6 +40,7 @@ from amqp_consumer.daemon import Daemon
 from amqp_consumer.lifecycle import Lifecycle
 from tests.support.broker import Broker, unique
 from tests.support.daemonproc import ROOT, DaemonProcess, env_for
+from tests.support.inprocess import in_process
 from tests.support.ops import (
     HEALTH_ANYWHERE,
     SSH_KEYGEN,
@@ -157,7 +158,7 @@ async def test_portal_accepts_only_authorized_public_keys() -> None:
 
 
 def test_factory_has_its_own_host_key_dicts_and_offers_only_publickey() -> None:
-    daemon = Daemon(MemoryReactorClock(), make_config(), lambda m: None, on_exit=lambda c: None)
+    daemon = in_process(MemoryReactorClock(), make_config(), lambda m: None, on_exit=lambda c: None)
     key = _keypair()
     factory = manhole.make_factory(daemon, [], key)
     assert factory.privateKeys == {b"ssh-ed25519": key}
@@ -183,7 +184,7 @@ def make_config(listen: str = "") -> Config:
 
 @pytest.fixture
 def ns(reactor) -> Iterator[tuple[Daemon, dict[str, Any]]]:
-    daemon = Daemon(reactor, make_config(), lambda m: None, on_exit=lambda c: None)
+    daemon = in_process(reactor, make_config(), lambda m: None, on_exit=lambda c: None)
     yield daemon, manhole.namespace(daemon)
 
 
@@ -225,7 +226,7 @@ async def test_status_inflight_pause_resume(ns) -> None:
 
 def test_manhole_is_off_unless_configured_and_the_example_binds_to_loopback() -> None:
     assert ManholeConfig().listen == ""
-    daemon = build.build(MemoryReactorClock(), make_config(listen=""), lambda m: None)
+    daemon = tap.build(MemoryReactorClock(), make_config(listen=""), lambda m: None)
     with pytest.raises(KeyError):
         daemon.getServiceNamed("manhole")
     example = ROOT / "conf" / "amqp-consumer.toml"
@@ -250,7 +251,7 @@ def test_an_unusable_host_key_stops_the_daemon_with_78(tmp_path: Path) -> None:
         make_config(),
         manhole=ManholeConfig(listen="tcp:0:interface=127.0.0.1", authorized_keys=str(authorized), host_key=str(garbage)),
     )
-    daemon = build.build(fake, config, lambda m: None, lifecycle=Recorded(fake))
+    daemon = tap.build(fake, config, lambda m: None, lifecycle=Recorded(fake))
     assert codes == [exitcodes.CONFIG]
     with pytest.raises(KeyError):
         daemon.getServiceNamed("manhole")

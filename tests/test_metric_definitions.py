@@ -16,10 +16,10 @@ import pytest
 from twisted.internet.testing import MemoryReactorClock
 
 from amqp_consumer.config import AMQPConfig, Config, ConsumerConfig, HealthConfig, QueueConfig
-from amqp_consumer.daemon import Daemon
 from amqp_consumer.metricdefs import METRICS, Catalogue, MetricDefinitionError
 from amqp_consumer.state import BrokerNode
 from tests.support.daemonproc import ROOT
+from tests.support.inprocess import in_process
 
 
 def scrape() -> str:
@@ -29,7 +29,7 @@ def scrape() -> str:
         consumer=ConsumerConfig(callback="opscb:ack"),
         health=HealthConfig(listen=""),
     )
-    daemon = Daemon(MemoryReactorClock(), config, lambda m: None, on_exit=lambda code: None)
+    daemon = in_process(MemoryReactorClock(), config, lambda m: None, on_exit=lambda code: None)
     # Connected, so that the node's series is there too (it has none while disconnected).
     daemon.state.set_connection("connected", node=BrokerNode("127.0.0.1:1", "RabbitMQ", "4.3.6", "c"))
     return daemon.exposition().decode()

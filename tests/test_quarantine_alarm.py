@@ -11,10 +11,9 @@ import pytest
 import pytest_twisted
 
 from amqp_consumer import quarantine
-from amqp_consumer.daemon import Daemon
 from tests.conftest import until
 from tests.support.broker import Broker, unique
-from tests.support.inprocess import inprocess_config
+from tests.support.inprocess import in_process, inprocess_config
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +55,7 @@ async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_
     broker.declare(queue)
     broker.publish_json(queue, [{"n": 1}], message_id="poison")
     alarm_node.ctl("set_vm_memory_high_watermark", "0")  # publishing blocks from now on
-    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, alarm_node.url), callback, on_exit=lambda c: None)
+    daemon = in_process(reactor, inprocess_config(tmp_path, queue, alarm_node.url), callback, on_exit=lambda c: None)
     daemon.startService()
     alarmed = True
     try:

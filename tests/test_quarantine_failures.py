@@ -8,10 +8,9 @@ import pytest
 import pytest_twisted
 
 from amqp_consumer import quarantine
-from amqp_consumer.daemon import Daemon
 from tests.conftest import until
 from tests.support.broker import Broker, unique
-from tests.support.inprocess import inprocess_config
+from tests.support.inprocess import in_process, inprocess_config
 
 
 @pytest.fixture
@@ -43,7 +42,7 @@ async def test_after_bounded_tries_the_message_goes_to_its_dead_letter_exchange(
     arguments = f'{{"x-dead-letter-exchange" = "", "x-dead-letter-routing-key" = "{dlq}"}}'
     policy = refuse_quarantine(running_node, queue)
     runs: list[str] = []
-    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, running_node.url, arguments), failing(runs), on_exit=lambda c: None)
+    daemon = in_process(reactor, inprocess_config(tmp_path, queue, running_node.url, arguments), failing(runs), on_exit=lambda c: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
@@ -70,7 +69,7 @@ async def test_without_a_dead_letter_exchange_it_is_requeued_and_comes_back_to_q
     queue = unique("q")
     policy = refuse_quarantine(running_node, queue)
     runs: list[str] = []
-    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, running_node.url), failing(runs), on_exit=lambda c: None)
+    daemon = in_process(reactor, inprocess_config(tmp_path, queue, running_node.url), failing(runs), on_exit=lambda c: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")

@@ -17,6 +17,7 @@ from amqp_consumer.metrics import Metrics
 from amqp_consumer.outcomes import ACK, NOT_RUN, REJECT, REQUEUE, HaltConsumer, Nack, Quarantine, RetryAfter
 from amqp_consumer.state import State
 from amqp_consumer.status import Status
+from tests.support.inprocess import assembled_consumer
 
 
 class FakeChannel:
@@ -41,7 +42,7 @@ def consumer(tmp_path: Path):
     config = load(p)
     reactor = MemoryReactorClock()
     halts: list[int] = []
-    c = Consumer(reactor, config, lambda m: None, State(reactor.seconds, ("q",)), Metrics(["q"]), halts.append, lambda code, why: None)
+    c = assembled_consumer(reactor, config, lambda m: None, State(reactor.seconds, ("q",)), Metrics(["q"]), halts.append, lambda code, why: None)
     c.halts = halts  # type: ignore[attr-defined]
     return reactor, c
 

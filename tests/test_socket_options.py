@@ -7,9 +7,8 @@ import socket
 import pytest
 import pytest_twisted
 
-from amqp_consumer.daemon import Daemon
 from tests.conftest import until
-from tests.support.inprocess import inprocess_config
+from tests.support.inprocess import in_process, inprocess_config
 
 
 @pytest.mark.single_broker  # a socket option of ours, not broker behaviour
@@ -17,7 +16,7 @@ from tests.support.inprocess import inprocess_config
 async def test_connection_socket_has_tcp_nodelay(reactor, tmp_path, broker, queue):
     # Without it, a lone ack (or the close frame at shutdown) can sit in the kernel
     # until the broker's delayed TCP ACK arrives, up to 40 ms on Linux.
-    daemon = Daemon(reactor, inprocess_config(tmp_path, queue, broker.url), lambda m: None, on_exit=lambda code: None)
+    daemon = in_process(reactor, inprocess_config(tmp_path, queue, broker.url), lambda m: None, on_exit=lambda code: None)
     daemon.startService()
     try:
         await until(reactor, lambda: daemon.state.readiness()[0], what="ready")
