@@ -51,7 +51,7 @@ class _Leaf(Resource):
     isLeaf = True
 
     def __init__(self, source: Reported) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted leaves it untyped
         self.source = source
 
     def render_GET(self, request: Request) -> bytes:
@@ -109,7 +109,7 @@ class Index(_Leaf):
 
 class Root(Resource):
     def __init__(self, source: Reported) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._index = Index(source)
         self._not_found = NotFound("No such resource", "Try /live, /ready, /metrics or /status.")
         self.putChild(b"live", Live(source))

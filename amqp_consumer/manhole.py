@@ -33,6 +33,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from amqp_consumer.config import Config, ConfigError, ManholeConfig, redacted
 from amqp_consumer.listen import Listener
@@ -75,7 +76,7 @@ def host_key_path(configured: str, environ: Mapping[str, str] | None = None) -> 
 def load_or_create_host_key(path: str) -> keys.Key:
     """Read the private host key at path, or generate an ed25519 key there (mode 0600)."""
     try:
-        key = keys.Key.fromFile(path)
+        key: keys.Key = keys.Key.fromFile(path)
     except FileNotFoundError:
         return _create_host_key(path)
     except (OSError, keys.BadKeyError, keys.EncryptedKeyError, ValueError) as e:
@@ -123,7 +124,7 @@ def _create_host_key(path: str) -> keys.Key:
 
 def fingerprint_of(key: keys.Key) -> str:
     """SHA256:... as `ssh-keygen -l` prints it."""
-    return "SHA256:" + key.fingerprint(keys.FingerprintFormats.SHA256_BASE64).rstrip("=")
+    return "SHA256:" + str(key.fingerprint(keys.FingerprintFormats.SHA256_BASE64)).rstrip("=")
 
 
 def _why(e: BaseException) -> str:
@@ -162,8 +163,8 @@ class AnyUserName(Mapping[bytes, tuple[keys.Key, ...]]):
 class KeyChecker(SSHPublicKeyChecker):
     """Conch's public-key checker, logging the keys it refuses."""
 
-    def requestAvatarId(self, credentials: Any) -> Deferred:
-        d = super().requestAvatarId(credentials)
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        d: Deferred[Any] = super().requestAvatarId(credentials)  # type: ignore[no-untyped-call]
 
         def refused(failure: Any) -> Any:
             # ValidPublicKey (an UnauthorizedLogin) only answers a client asking
@@ -242,7 +243,8 @@ class Help:
     def __call__(self, obj: Any = None) -> _Text:
         if obj is None:
             return _Text(self.listing())
-        return _Text(pydoc.render_doc(obj, title="%s", renderer=pydoc.plaintext).rstrip())
+        plain = pydoc.plaintext  # type: ignore[attr-defined]  # typeshed leaves it out
+        return _Text(pydoc.render_doc(obj, title="%s", renderer=plain).rstrip())
 
     def __repr__(self) -> str:
         return self.listing()
@@ -304,8 +306,10 @@ class _Session(manhole_ssh.TerminalSession):
     _terminal: Any = None
 
     def openShell(self, proto: Any) -> None:
-        self._terminal = self.chainedProtocolFactory()
-        self.transportFactory(proto, self._terminal, IConchUser(self.original), self.width, self.height)
+        self._terminal = self.chainedProtocolFactory()  # type: ignore[no-untyped-call]
+        self.transportFactory(  # type: ignore[no-untyped-call]
+            proto, self._terminal, IConchUser(self.original), self.width, self.height
+        )
 
     def windowChanged(self, newWindowSize: Any) -> None:
         self.height, self.width = newWindowSize[:2]
@@ -321,27 +325,35 @@ class _Transport(SSHServerTransport):
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         if reasonCode == DISCONNECT_BY_APPLICATION:  # the client logged out: not an error
             return
-        super().receiveError(reasonCode, description)
+        super().receiveError(reasonCode, description)  # type: ignore[no-untyped-call]
 
 
+@implementer(portal.IRealm)
 class _Realm(manhole_ssh.TerminalRealm):
+    """Conch's terminal realm, logging logins; each session gets a copy of the shell's namespace."""
+
     sessionFactory = _Session
+
+    def __init__(self, ns: dict[str, Any]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._ns = ns
+
+    def chainedProtocolFactory(self) -> insults.ServerProtocol:  # type: ignore[override]  # a class there
+        # A copy per session: one operator's variables do not leak into another's.
+        return insults.ServerProtocol(manhole.ColoredManhole, dict(self._ns))
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
         name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else str(avatarId)
         log.info("manhole: {user} logged in", user=name)
-        return super().requestAvatar(avatarId, mind, *interfaces)
+        return super().requestAvatar(avatarId, mind, *interfaces)  # type: ignore[no-untyped-call]
 
 
 def make_factory(daemon: Operated, authorized: list[keys.Key], host_key: keys.Key) -> manhole_ssh.ConchFactory:
-    ns = namespace(daemon)
-    realm = _Realm()
-    # A copy per session: one operator's variables do not leak into another's.
-    realm.chainedProtocolFactory = lambda: insults.ServerProtocol(manhole.ColoredManhole, dict(ns))
+    realm = _Realm(namespace(daemon))
     factory = manhole_ssh.ConchFactory(make_portal(realm, authorized))
     # New dicts on the instance: the class attributes are shared by every ConchFactory.
     factory.publicKeys = {host_key.sshType(): host_key.public()}
-    factory.privateKeys = {host_key.sshType(): host_key}
+    factory.privateKeys = {host_key.sshType(): host_key}  # type: ignore[dict-item]  # conch says bytes, means Key
     factory.protocol = _Transport
     factory.noisy = False
     return factory
