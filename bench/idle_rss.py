@@ -175,7 +175,8 @@ from twisted.plugin import getPlugins
 list(getPlugins(IServiceMaker))  # twistd's plugin scan
 from amqp_consumer import tap
 tap.makeService  # noqa
-import amqp_consumer.consumer, amqp_consumer.daemon
+# what tap.build and tap.assemble import when makeService runs
+import amqp_consumer.consumer, amqp_consumer.daemon, amqp_consumer.health, amqp_consumer.systemd, amqp_consumer.lifecycle
 """
 
 FLOOR = "import twisted.internet.epollreactor"
