@@ -321,7 +321,10 @@ def launch(
         cfg = LOGS / f"{tag}.toml"
         cfg.write_text(ac_config(v, port))
         env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{BENCH}"
-        cmd = [str(project_twistd()), "-n", "--pidfile=", *twistd_args, "amqp-consumer", f"--config={cfg}"]
+        if twistd_args:
+            cmd = [str(project_twistd()), "-n", "--pidfile=", *twistd_args, "amqp-consumer", f"--config={cfg}"]
+        else:  # what the systemd unit runs: the amqp-consumer command (the console script's module)
+            cmd = [str(project_python()), "-m", "amqp_consumer.main", f"--config={cfg}"]
     elif v.kind == "pika":
         env["PYTHONPATH"] = str(BENCH)
         cmd = [str(project_python()), str(BENCH / "pika_consumer.py"), URL, QUEUE, str(PREFETCH)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.broker import Broker, read_rows, unique
-from tests.support.daemonproc import DaemonProcess, daemon_config, env_for, wait_until
+from tests.support.daemonproc import RUNNERS, DaemonProcess, daemon_config, env_for, wait_until
 
 
 def config(broker: Broker, queue: str, callback: str, *, workers: int = 1, prefetch: int = 100, drain: float = 30.0,
@@ -17,8 +17,8 @@ def config(broker: Broker, queue: str, callback: str, *, workers: int = 1, prefe
                          queue_args=queue_args, extra=extra)
 
 
-def start(tmp_path: Path, text: str, out_file: Path, args: list[str] | None = None) -> DaemonProcess:
-    d = DaemonProcess(tmp_path / "d", text, args, env=env_for(TEST_OUT=str(out_file)))
+def start(tmp_path: Path, text: str, out_file: Path, args: list[str] | None = None, runner: str = "twistd") -> DaemonProcess:
+    d = DaemonProcess(tmp_path / "d", text, args, env=env_for(TEST_OUT=str(out_file)), runner=runner)
     d.start()
     d.wait_for_log(r"consuming from")
     return d
@@ -182,10 +182,11 @@ def test_halt_consumer_with_requeue(tmp_path, broker, queue, out_file, daemons):
     assert broker.depth(queue) == 1
 
 
-def test_sigterm_drains_in_flight_and_returns_prefetched(tmp_path, broker, queue, out_file, daemons):
+@pytest.mark.parametrize("runner", RUNNERS)  # twistd, and the command the systemd unit runs
+def test_sigterm_drains_in_flight_and_returns_prefetched(tmp_path, broker, queue, out_file, daemons, runner):
     broker.declare(queue)
     broker.publish_json(queue, [{"sleep": 2.0, "n": i} for i in range(5)])
-    d = start(tmp_path, config(broker, queue, "testcb:slow", workers=1, prefetch=10), out_file)
+    d = start(tmp_path, config(broker, queue, "testcb:slow", workers=1, prefetch=10), out_file, runner=runner)
     daemons.append(d)
     wait_until(lambda: read_rows(out_file), 20, what="the first slow callback started")
     d.send_signal(signal.SIGTERM)

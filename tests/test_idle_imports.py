@@ -1,7 +1,8 @@
 """What an idle daemon has imported: features that are off, or not yet asked for, cost no memory.
 
 The figure itself (idle RSS against the floor) is the benchmark's, bench/idle_rss.py; this
-guards the causes. It runs ``twistd -n amqp-consumer`` as an operator does, with health on
+guards the causes. It runs ``twistd -n amqp-consumer`` and the ``amqp-consumer`` command as
+an operator does, with health on
 and the manhole off, waits until it consumes, and reads the daemon's ``sys.modules``: a
 tiny preamble in the daemon's python writes them to a file on SIGUSR2.
 """
@@ -39,14 +40,24 @@ def _dump(signum, frame):
         json.dump(sorted(sys.modules), f)
     os.replace(path + ".tmp", path)
 signal.signal(signal.SIGUSR2, _dump)
-sys.argv[0] = "twistd"
-from twisted.scripts.twistd import run
-run()
 """
+RUN = {
+    "twistd": 'sys.argv[0] = "twistd"\nfrom twisted.scripts.twistd import run\nrun()\n',
+    "command": "from amqp_consumer.main import main\nmain(sys.argv[1:])\n",
+}
+ARGS = {"twistd": ["--nodaemon", "--pidfile=", "amqp-consumer"], "command": []}
+# What the command leaves out that twistd needs: its runner and the plugin scan.
+NOT_UNDER_THE_COMMAND = {
+    "twisted.scripts": "twistd's runner",
+    "pdb": "twistd's --debug, imported by its runner",
+    "unittest": "unpickling Twisted's plugin cache (trial's interfaces)",
+    "twisted.words": "the plugin scan (twisted_words provides a service maker)",
+}
 
 
 class Daemon:
-    def __init__(self, tmp_path: Path, config: str) -> None:
+    def __init__(self, tmp_path: Path, config: str, runner: str) -> None:
+        self.runner = runner
         self.modules_file = tmp_path / "modules.json"
         self.log = tmp_path / "daemon.out"
         cfg = tmp_path / "daemon.toml"
@@ -54,7 +65,7 @@ class Daemon:
         env = env_for(MODULES_OUT=str(self.modules_file))
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", PREAMBLE, "--nodaemon", "--pidfile=", "amqp-consumer", f"--config={cfg}"],
+                [sys.executable, "-c", PREAMBLE + RUN[runner], *ARGS[runner], f"--config={cfg}"],
                 cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
             )
 
@@ -78,10 +89,11 @@ def loaded(modules: set[str], package: str) -> bool:
     return any(m == package or m.startswith(package + ".") for m in modules)
 
 
-@pytest.fixture
-def idle_daemon(tmp_path: Path, broker: Broker, queue: str) -> Iterator[Daemon]:
+@pytest.fixture(params=sorted(RUN))
+def idle_daemon(request: pytest.FixtureRequest, tmp_path: Path, broker: Broker, queue: str) -> Iterator[Daemon]:
     broker.declare(queue)
-    d = Daemon(tmp_path, daemon_config(queue, "amqp_consumer.example:print_message", url=broker.url, health=HEALTH_ANYWHERE))
+    config = daemon_config(queue, "amqp_consumer.example:print_message", url=broker.url, health=HEALTH_ANYWHERE)
+    d = Daemon(tmp_path, config, request.param)
     try:
         yield d
     finally:
@@ -103,6 +115,9 @@ def test_an_idle_daemon_has_not_imported_what_is_off_or_not_yet_asked_for(idle_d
     assert "amqp_consumer.consumer" in modules and "twisted.web.http" in modules  # the list is the daemon's
     held = {package: why for package, why in NOT_WHEN_IDLE.items() if loaded(modules, package)}
     assert held == {}, f"an idle daemon imported: {held}"
+    if idle_daemon.runner == "command":
+        held = {package: why for package, why in NOT_UNDER_THE_COMMAND.items() if loaded(modules, package)}
+        assert held == {}, f"the amqp-consumer command imported: {held}"
 
     # Scraping /metrics loads prometheus-client then, and the answer is the full exposition.
     status, headers, body = http(port, "/metrics")

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from amqp_consumer import exitcodes, logs
 from tests.support.broker import Broker
-from tests.support.daemonproc import TWISTD, DaemonProcess, daemon_config, run_check
+from tests.support.daemonproc import RUNNERS, TWISTD, DaemonProcess, daemon_config, run_check
 from tests.support.ops import HEALTH_ANYWHERE, health_port, http_json, poll
 
 PASSWORD = "wrong-pw-31337"
@@ -197,17 +197,24 @@ def config(queue: str, callback: str = "opscb:ack", *, url: str, extra: str = ""
 
 
 
-def start(tmp_path: Path, text: str, daemons: list[DaemonProcess]) -> DaemonProcess:
-    d = DaemonProcess(tmp_path / "d", text)
+# Both ways to run the daemon: twistd, and the amqp-consumer command the systemd unit runs.
+by_runner = pytest.mark.parametrize("runner", RUNNERS)
+
+
+def start(tmp_path: Path, text: str, daemons: list[DaemonProcess], runner: str = "twistd") -> DaemonProcess:
+    d = DaemonProcess(tmp_path / "d", text, runner=runner)
     d.start()
     daemons.append(d)
     return d
 
 
 @pytest.mark.single_broker  # the log format
-def test_text_logs_on_stdout_nothing_per_message_and_sigterm_exits_0(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+@by_runner
+def test_text_logs_on_stdout_nothing_per_message_and_sigterm_exits_0(
+    tmp_path: Path, broker: Broker, queue: str, daemons, runner: str
+) -> None:
     broker.declare(queue)
-    d = start(tmp_path, config(queue, url=broker.url), daemons)
+    d = start(tmp_path, config(queue, url=broker.url), daemons, runner)
     port = health_port(d)
     d.wait_for_log("consuming from")
     before = len(d.output.splitlines())
@@ -237,9 +244,10 @@ def consume_then_sigterm(command: list[str], d: DaemonProcess, out: Path, err: P
 
 
 @pytest.mark.single_broker  # where logs go
-def test_logs_go_to_stdout_and_nothing_to_stderr(tmp_path: Path, broker: Broker, queue: str) -> None:
+@by_runner
+def test_logs_go_to_stdout_and_nothing_to_stderr(tmp_path: Path, broker: Broker, queue: str, runner: str) -> None:
     broker.declare(queue)
-    d = DaemonProcess(tmp_path / "d", config(queue, url=broker.url).replace(HEALTH_ANYWHERE, ""))
+    d = DaemonProcess(tmp_path / "d", config(queue, url=broker.url).replace(HEALTH_ANYWHERE, ""), runner=runner)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     assert consume_then_sigterm(d.command(), d, out, err) == 0
     assert err.read_text() == ""
@@ -263,23 +271,26 @@ def test_json_logs_with_the_message_id_of_a_quarantined_message(tmp_path: Path, 
     broker.delete(queue + ".quarantine")
 
 
-def test_halt_consumer_exits_with_its_code(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
+@by_runner
+def test_halt_consumer_exits_with_its_code(tmp_path: Path, broker: Broker, queue: str, daemons, runner: str) -> None:
     broker.declare(queue)
-    d = start(tmp_path, config(queue, "opscb:halt", url=broker.url), daemons)
+    d = start(tmp_path, config(queue, "opscb:halt", url=broker.url), daemons, runner)
     d.wait_for_log("consuming from")
     broker.publish_raw(queue, b"5")
     assert d.wait(20) == 5
 
 
-def test_bad_config_exits_78_with_one_line(tmp_path: Path) -> None:
-    result = run_check(config("q", url=NO_BROKER, extra='[logging]\nformat = "xml"\n'), tmp_path)
+@by_runner
+def test_bad_config_exits_78_with_one_line(tmp_path: Path, runner: str) -> None:
+    result = run_check(config("q", url=NO_BROKER, extra='[logging]\nformat = "xml"\n'), tmp_path, runner=runner)
     assert result.returncode == exitcodes.CONFIG == 78
     assert result.stdout == ""
     assert re.fullmatch(r"amqp-consumer: config error: \S+daemon\.toml: logging\.format: expected one of 'text', 'json'.*\n", result.stderr)
 
 
-def test_callback_constructor_failure_exits_70_with_one_line(tmp_path: Path) -> None:
-    result = run_check(config("q", "opscb:BrokenInit", url=NO_BROKER), tmp_path)
+@by_runner
+def test_callback_constructor_failure_exits_70_with_one_line(tmp_path: Path, runner: str) -> None:
+    result = run_check(config("q", "opscb:BrokenInit", url=NO_BROKER), tmp_path, runner=runner)
     assert result.returncode == exitcodes.SOFTWARE == 70
     assert result.stderr.strip().splitlines() == [
         "amqp-consumer: the callback could not start: opscb.BrokenInit() raised RuntimeError: the database is unreachable"
@@ -320,8 +331,11 @@ def test_twist_runner_writes_the_documented_lines_to_a_file(tmp_path: Path, brok
     assert "guest:guest" not in out.read_text()
 
 
-def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
-    d = start(tmp_path, config(queue, url=broker.url.replace("guest:guest@", f"guest:{PASSWORD}@")), daemons)
+@by_runner
+def test_wrong_password_exits_77_with_one_line_and_no_password(
+    tmp_path: Path, broker: Broker, queue: str, daemons, runner: str
+) -> None:
+    d = start(tmp_path, config(queue, url=broker.url.replace("guest:guest@", f"guest:{PASSWORD}@")), daemons, runner)
     status = d.wait(8)  # it takes well under a second
     out = d.output
     assert status == exitcodes.NOPERM == 77, out
@@ -331,8 +345,11 @@ def test_wrong_password_exits_77_with_one_line_and_no_password(tmp_path: Path, b
     assert len(reasons) == 1 and "refused" in reasons[0] and "(exit status 77)" in reasons[0], out
 
 
-def test_the_exit_77_line_reaches_the_journal_as_critical(tmp_path: Path, broker: Broker, queue: str, daemons) -> None:
-    d = DaemonProcess(tmp_path / "d", config(queue, url=broker.url.replace(":guest@", f":{PASSWORD}@")))
+@by_runner
+def test_the_exit_77_line_reaches_the_journal_as_critical(
+    tmp_path: Path, broker: Broker, queue: str, daemons, runner: str
+) -> None:
+    d = DaemonProcess(tmp_path / "d", config(queue, url=broker.url.replace(":guest@", f":{PASSWORD}@")), runner=runner)
     d.log_path.touch()
     d.env.update(journal_env(d.log_path))
     d.start()
@@ -344,8 +361,9 @@ def test_the_exit_77_line_reaches_the_journal_as_critical(tmp_path: Path, broker
     assert all(re.match(r"<[2-7]>[A-Z]+ [\w.]+: ", line) for line in lines), lines
 
 
-def test_the_exit_78_line_on_stderr_reaches_the_journal_as_critical(tmp_path: Path) -> None:
-    bad = DaemonProcess(tmp_path / "bad", config("q", url=NO_BROKER, extra='[logging]\nformat = "xml"\n'))
+@by_runner
+def test_the_exit_78_line_on_stderr_reaches_the_journal_as_critical(tmp_path: Path, runner: str) -> None:
+    bad = DaemonProcess(tmp_path / "bad", config("q", url=NO_BROKER, extra='[logging]\nformat = "xml"\n'), runner=runner)
     err = tmp_path / "stderr"
     err.touch()
     with open(err, "r+b") as stream:
@@ -369,3 +387,20 @@ def test_port_announcements_are_left_to_debug_level() -> None:
             observer({"log_namespace": "log_legacy", "log_level": LogLevel.info, "log_format": "{t}", "t": text, "log_time": 0})
         observer({"log_namespace": "log_legacy", "log_level": LogLevel.info, "log_format": "something else", "log_time": 0})
         assert len(out.getvalue().splitlines()) == expected + 1
+
+
+def test_the_command_refuses_an_unknown_option_with_one_line_and_78(tmp_path: Path) -> None:
+    result = run_check(config("q", url=NO_BROKER), tmp_path, ["--no-such-option"], runner="command")
+    assert result.returncode == exitcodes.CONFIG, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "amqp-consumer: option --no-such-option not recognized; see amqp-consumer --help"
+    ]
+
+
+def test_the_command_checks_a_config_and_shows_its_help(tmp_path: Path) -> None:
+    ok = run_check(config("some.queue", url=NO_BROKER), tmp_path, ["--check"], runner="command")
+    assert ok.returncode == 0 and ok.stdout.startswith("amqp-consumer: "), ok.stdout + ok.stderr
+    assert "OK (callback opscb:ack; queues: some.queue)" in ok.stdout
+    shown = run_check(config("q", url=NO_BROKER), tmp_path, ["--help"], runner="command")
+    assert shown.returncode == 0 and "--config=" in shown.stdout and "--check" in shown.stdout, shown.stdout

@@ -43,9 +43,7 @@ def _seconds(value: str) -> float:
 def test_unit_settings_match_the_daemon() -> None:
     d = _directives(UNIT.read_text(encoding="utf-8"))
     assert d["Type"] == ["notify"]
-    assert d["ExecStart"] == [
-        "/usr/bin/twistd --nodaemon --pidfile= amqp-consumer --config=/etc/amqp-consumer/%i.toml"
-    ]
+    assert d["ExecStart"] == ["/usr/bin/amqp-consumer --config=/etc/amqp-consumer/%i.toml"]
     assert set(d["RestartPreventExitStatus"][0].split()) == {str(exitcodes.NOPERM), str(exitcodes.CONFIG)}
     assert d["Restart"] == ["on-failure"]
     assert d["User"] == ["amqp-consumer"] and d["Group"] == ["amqp-consumer"]
@@ -64,11 +62,11 @@ def test_unit_settings_match_the_daemon() -> None:
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    # verify insists that ExecStart's binary exists; /usr/bin/twistd is not
-    # installed here, so the copies run /bin/true with the same arguments.
+    # verify insists that ExecStart's binary exists; /usr/bin/amqp-consumer is
+    # not installed here, so the copies run /bin/true with the same arguments.
     text = UNIT.read_text(encoding="utf-8")
-    assert "ExecStart=/usr/bin/twistd " in text
-    text = text.replace("ExecStart=/usr/bin/twistd ", "ExecStart=/bin/true ")
+    assert "ExecStart=/usr/bin/amqp-consumer " in text
+    text = text.replace("ExecStart=/usr/bin/amqp-consumer ", "ExecStart=/bin/true ")
     template = tmp_path / "amqp-consumer@.service"
     instance = tmp_path / "amqp-consumer@verify.service"
     template.write_text(text, encoding="utf-8")

@@ -1,6 +1,6 @@
 """The wheel works on its own: installed into a fresh virtualenv (dependencies
-from PyPI or pip's cache), twistd finds the plugin and --check passes on the
-example configuration, importing nothing from the checkout."""
+from PyPI or pip's cache), twistd finds the plugin, and twistd and the amqp-consumer command
+both pass --check on the example configuration, importing nothing from the checkout."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def test_wheel_installs_and_twistd_runs_the_check(tmp_path: Path) -> None:
+def test_wheel_installs_and_both_runners_run_the_check(tmp_path: Path) -> None:
     # Nothing from the checkout or the test run may leak into the fresh venv.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
@@ -58,3 +58,7 @@ def test_wheel_installs_and_twistd_runs_the_check(tmp_path: Path) -> None:
     )
     lines = check.stdout.strip().splitlines()
     assert len(lines) == 1 and "OK" in lines[0], f"expected a one-line verdict, got:\n{check.stdout}{check.stderr}"
+
+    # The amqp-consumer command (what the systemd unit runs) comes with the wheel.
+    command = _run([str(fresh / "bin" / "amqp-consumer"), "--check", "--config=amqp-consumer.toml"], cwd=run, env=env_run, timeout=60)
+    assert command.stdout == check.stdout, f"the command's verdict differs:\n{command.stdout}{command.stderr}"

@@ -1,4 +1,7 @@
-"""Run ``twistd -n amqp-consumer`` as a subprocess, the way an operator does, and watch it.
+"""Run the daemon as a subprocess, the way an operator does, and watch it.
+
+Either runner: ``twistd -n amqp-consumer`` (the default here) or the
+``amqp-consumer`` command that the systemd unit runs (``runner="command"``).
 
 The daemon's output goes to a file the test reads; waits poll for a condition
 with a deadline rather than sleeping a fixed time.
@@ -20,6 +23,9 @@ from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+# What the amqp-consumer console script runs, without depending on the script being installed.
+COMMAND = [sys.executable, "-m", "amqp_consumer.main"]
+RUNNERS = ("twistd", "command")
 CALLBACKS = ROOT / "tests" / "callbacks"
 
 
@@ -47,7 +53,16 @@ def env_for(extra_paths: list[Path] | None = None, **extra: str) -> dict[str, st
 class DaemonProcess:
     """One daemon: write its config, start it, read its output, stop it, get its exit status."""
 
-    def __init__(self, workdir: Path, config_text: str, args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config_text: str,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        runner: str = "twistd",
+    ) -> None:
+        assert runner in RUNNERS, runner
+        self.runner = runner
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = workdir / "daemon.toml"
@@ -58,6 +73,8 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
+        if self.runner == "command":
+            return [*COMMAND, f"--config={self.config_path}", *self.args]
         return [TWISTD, "--nodaemon", "--pidfile=", "amqp-consumer", f"--config={self.config_path}", *self.args]
 
     def start(self) -> DaemonProcess:
@@ -119,9 +136,11 @@ class DaemonProcess:
         return status, json.loads(body)
 
 
-def run_check(config_text: str, workdir: Path, args: list[str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+def run_check(
+    config_text: str, workdir: Path, args: list[str] | None = None, timeout: float = 60.0, runner: str = "twistd"
+) -> subprocess.CompletedProcess[str]:
     """Run the daemon on a config that must fail (or pass) before connecting: exit code and output."""
-    d = DaemonProcess(workdir, config_text, args)
+    d = DaemonProcess(workdir, config_text, args, runner=runner)
     return subprocess.run(d.command(), cwd=workdir, env=d.env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -342,7 +342,7 @@ def test_watchdog_kills_a_blocked_reactor_and_systemd_restarts_it(box, amqp: Bro
         wait_until(lambda: instance.show("NRestarts")["NRestarts"] == "1", deadline, interval=0.5,
                    what="NRestarts=1")
         instance.wait_journal(rf"{re.escape(instance.unit)}: Watchdog timeout \(limit {WATCHDOG_SEC}s\)!")
-        instance.wait_journal(rf"Killing process {first_pid} \(twistd\) with signal SIGABRT")
+        instance.wait_journal(rf"Killing process {first_pid} \(amqp-consumer\) with signal SIGABRT")
         instance.wait_journal(r"Main process exited, code=(dumped|killed), status=6/ABRT")
         instance.wait_journal(r"Failed with result 'watchdog'")
         instance.wait_journal(r"Scheduled restart job, restart counter is at 1")
