@@ -347,7 +347,13 @@ class _RoundRobin(Factory):
 
 
 class Connector(Service):
-    """Keeps one AMQP connection up through ClientService, handing each new one over as a Session."""
+    """Keeps one AMQP connection up through ClientService, handing each new one over as a Session.
+
+    The one part built here rather than passed in: ClientService is how the
+    connector works, not a collaborator to swap, and its endpoint (the
+    round-robin over the URLs), retry policy and handshake are the
+    connector's own. Its backoff is passed in, shared with the subscription.
+    """
 
     def __init__(
         self,

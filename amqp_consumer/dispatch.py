@@ -171,7 +171,8 @@ class Dispatcher:
         workers: int,
         on_results: Callable[[Sequence[Any], Sequence[Outcome]], None],
         stages: Sequence[Stage] = BEFORE_CALLBACK,
-        pool: ThreadPool | None = None,
+        *,
+        pool: ThreadPool | None,
     ) -> None:
         self._reactor = reactor
         # The daemon's reactor provides both interfaces; only the thread hop needs the second.
@@ -191,7 +192,10 @@ class Dispatcher:
         self._pool: ThreadPool | None = None
         self._asyncio_loop: Any = None
         if not self.is_async:
-            self._pool = pool or worker_pool(workers)
+            # The pool is the assembly's to build (tap.py: worker_pool), like every collaborator.
+            if pool is None:
+                raise TypeError("a sync callback needs a thread pool: pass pool=worker_pool(workers)")
+            self._pool = pool
         elif type(reactor).__name__ == "AsyncioSelectorReactor":
             self._asyncio_loop = getattr(reactor, "_asyncioEventloop")
 

@@ -24,7 +24,7 @@ from amqp_consumer.config import load
 from amqp_consumer.connection import ChannelClosed
 from amqp_consumer.consumer import Consumer
 from amqp_consumer.inflight import Delivery
-from amqp_consumer.dispatch import Dispatcher
+from amqp_consumer.dispatch import Dispatcher, worker_pool
 from amqp_consumer.outcomes import ACK, Outcome
 from amqp_consumer.message import Message
 from amqp_consumer.metrics import Metrics
@@ -316,7 +316,9 @@ def test_withdraw_takes_back_what_waits_in_a_running_batch_and_never_runs_it() -
             entered.set()
             release.wait(10)
 
-    dispatcher = Dispatcher(reactor, callback, 1, lambda batch, rs: results.extend((d.n, r) for d, r in zip(batch, rs)))
+    dispatcher = Dispatcher(
+        reactor, callback, 1, lambda batch, rs: results.extend((d.n, r) for d, r in zip(batch, rs)), pool=worker_pool(1)
+    )
     dispatcher.start()
     try:
         works = [_Work(n) for n in (1, 2, 3, 4)]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextvars
 from typing import Any
 
+import pytest
+
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from amqp_consumer.dispatch import Dispatcher
+from amqp_consumer.dispatch import Dispatcher, worker_pool
 from amqp_consumer.message import Message
 from amqp_consumer.outcomes import ACK, REQUEUE, HaltConsumer, Nack
 
@@ -35,7 +37,7 @@ def run(callback: Any, *deliveries: D) -> tuple[Clock, Dispatcher, list[tuple[in
     def on_results(batch, outcomes):
         results.extend((d.message.delivery_tag, o) for d, o in zip(batch, outcomes))
 
-    dispatcher = Dispatcher(clock, callback, workers=1, on_results=on_results)
+    dispatcher = Dispatcher(clock, callback, workers=1, on_results=on_results, pool=None)
     assert dispatcher.is_async
     dispatcher.start()
     for d in deliveries:
@@ -171,7 +173,13 @@ def test_a_sync_batch_skips_the_deliveries_of_a_channel_closed_while_it_ran():
         ran.append(message.body["n"])
         ch.is_open = False
 
-    dispatcher = Dispatcher(Clock(), cb, workers=1, on_results=lambda batch, outcomes: None)
+    dispatcher = Dispatcher(Clock(), cb, workers=1, on_results=lambda batch, outcomes: None, pool=worker_pool(1))
     outcomes = dispatcher._run_batch([D(1, ch), D(2, ch), D(3, ch), D(4)])  # as the worker thread runs it
     assert ran == [1, 4]
     assert [o.kind for o in outcomes] == ["ack", "not-run", "not-run", "ack"]
+
+
+def test_a_sync_callback_gets_its_pool_from_the_assembly() -> None:
+    """The dispatcher builds no pool of its own: a sync callback without one is a wiring mistake."""
+    with pytest.raises(TypeError, match="needs a thread pool"):
+        Dispatcher(Clock(), lambda message: None, workers=1, on_results=lambda batch, outcomes: None, pool=None)
