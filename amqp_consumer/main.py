@@ -17,11 +17,25 @@ runs and ``stopService`` before it shuts down. Signals and the exit status belon
 from __future__ import annotations
 
 import sys
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from twisted.python import usage
 
 from amqp_consumer import exitcodes
+
+if TYPE_CHECKING:
+    from amqp_consumer.tap import Options
+
+
+def _options() -> Options:
+    # Imported once the reactor is installed: what tap imports would install the default one.
+    from amqp_consumer import tap
+
+    class CommandOptions(tap.Options):
+        # twistd prefixes "Usage: twistd [options] amqp-consumer"; alone, the synopsis says it.
+        synopsis = f"Usage: amqp-consumer {tap.Options.synopsis}"
+
+    return CommandOptions()  # type: ignore[no-untyped-call]  # Twisted leaves usage.Options untyped
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from amqp_consumer import logs, tap
 
-    options = tap.Options()  # type: ignore[no-untyped-call]  # Twisted leaves usage.Options untyped
+    options = _options()
     try:
         options.parseOptions(sys.argv[1:] if argv is None else argv)  # type: ignore[no-untyped-call]
     except usage.UsageError as e:

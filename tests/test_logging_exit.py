@@ -403,4 +403,5 @@ def test_the_command_checks_a_config_and_shows_its_help(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stdout.startswith("amqp-consumer: "), ok.stdout + ok.stderr
     assert "OK (callback opscb:ack; queues: some.queue)" in ok.stdout
     shown = run_check(config("q", url=NO_BROKER), tmp_path, ["--help"], runner="command")
-    assert shown.returncode == 0 and "--config=" in shown.stdout and "--check" in shown.stdout, shown.stdout
+    assert shown.returncode == 0 and "--check" in shown.stdout, shown.stdout
+    assert shown.stdout.startswith("Usage: amqp-consumer --config=FILE"), shown.stdout
