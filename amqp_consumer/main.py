@@ -4,14 +4,16 @@ It takes the same options and runs the same service as ``twistd -n
 amqp-consumer``, in the foreground. What it leaves out is what twistd costs a
 process that never daemonizes: the plugin scan (which unpickles Twisted's
 plugin cache and with it unittest, trial's and words' interfaces) and
-twistd's own runner (pdb, profile), about 2.3 MB of an idle daemon's memory.
+twistd's own runner (pdb, profile), about 1.6 MB of an idle daemon's memory
+(bench/idle_rss.py).
 The systemd unit runs this command; twistd stays supported for operators who
 want its options (``--logfile``, ``--reactor``, daemonizing).
 
 What twistd would have done, done here the same way: the default reactor, the
 service built before logging begins, one global log observer (the daemon's)
 with stdout and stderr redirected into it, ``startService`` before the reactor
-runs and ``stopService`` before it shuts down. Signals and the exit status belong to the daemon already (lifecycle.py).
+runs and ``stopService`` before it shuts down. Signals and the exit status
+belong to the daemon already (lifecycle.py).
 """
 
 from __future__ import annotations

@@ -253,15 +253,18 @@ def main() -> None:
     print(f"floor (import twisted.internet.epollreactor): {mb(floor['VmRSS'])}")
     print(f"twistd daemon's imports, not run:              {mb(imported['VmRSS'])} "
           f"(+{mb(imported['VmRSS'] - floor['VmRSS'])} over the floor)")
+    idle: dict[str, dict[str, int]] = {}
     for runner, label in (("command", "amqp-consumer"), ("twistd", "twistd -n amqp-consumer")):
         runs = sorted((daemon_rss(a.url, a.idle_seconds, runner=runner) for _ in range(a.runs)), key=lambda r: r[0]["VmRSS"])
         daemon, took, _ = runs[len(runs) // 2]
+        idle[runner] = daemon
         print(f"{label} idle, {a.idle_seconds:g} s after /ready (median of {a.runs}): {mb(daemon['VmRSS'])} "
               f"(+{mb(daemon['VmRSS'] - floor['VmRSS'])} over the floor; anon {mb(daemon['RssAnon'])}, "
               f"file {mb(daemon['RssFile'])}, PSS {mb(daemon.get('Pss', 0))}, {daemon['Threads']} threads; "
               f"ready after {took:.2f} s)")
     # The breakdown follows twistd's path, the longer one: the command leaves out its first part's
     # runner and plugin scan.
+    daemon = idle["twistd"]
     print(f"  twistd's, kept at run time (beyond the imports): {mb(daemon['VmRSS'] - imported['VmRSS'])}")
     if a.breakdown:
         print(f"\nwhere the {mb(daemon['VmRSS'] - floor['VmRSS'])} beyond the floor go (cumulative imports, "
