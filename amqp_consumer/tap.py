@@ -17,7 +17,8 @@ parts as arguments). Read top to bottom, they are the object graph:
   consumer, and the root service with its children in start order (see
   daemon.py): consumer, health, manhole, systemd.
 - ``build``: the process-wide parts: signal handlers, the exit status, the exit
-  that does not wait for stray threads, and the collector freeze.
+  that does not wait for stray threads, the collector freeze, and the malloc
+  setting that gives large bodies' memory back (memory.py).
 
 The heavy imports (pika, twisted.web, conch) happen in these functions, not
 when twistd imports this module to parse the command line.
@@ -26,6 +27,7 @@ when twistd imports this module to parse the command line.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
 
@@ -120,6 +122,9 @@ def build(
 ) -> Daemon:
     """The daemon as twistd runs it: ``assemble`` plus what belongs to the process (signals, exit status)."""
     from amqp_consumer.lifecycle import Lifecycle
+    from amqp_consumer.memory import return_large_blocks
+
+    return_large_blocks()  # glibc read the real environment, whatever environ says
 
     lifecycle = lifecycle or Lifecycle(reactor)
     daemon = assemble(reactor, config, callback, on_exit=lifecycle.stop, environ=environ)

@@ -1,13 +1,14 @@
-"""`make soak`: mixed traffic through `twistd -n amqp-consumer` for N minutes while the broker node is killed.
+"""`make soak`: mixed traffic through the daemon for N minutes while the broker node is killed.
 
 A private RabbitMQ node (never the broker on 5672) with a short consumer
-timeout; the daemon runs as an operator runs it, with a callback that records
-every run; a publisher with confirms sends good, failing, slow and poison
+timeout; the daemon runs as an operator runs it (the `amqp-consumer` command that
+the systemd unit runs, or `twistd -n amqp-consumer` with --runner twistd), with
+a callback that records every run; a publisher with confirms sends good, failing, slow and poison
 messages; the node is killed with SIGKILL every 2-4 minutes and restarted.
 At the end the queue is drained, the daemon stopped with SIGTERM, and every
 published message is reconciled with where it ended up. See bench/README.md.
 
-    .venv/bin/python bench/soak.py [--minutes 30] [--broker 3.10|4.3] [--rate 5] [--results DIR]
+    .venv/bin/python bench/soak.py [--minutes 30] [--broker 3.10|4.3] [--runner command|twistd] [--rate 5] [--results DIR]
 
 Prints progress to stderr, one summary line to stdout, writes report.json (and
 every raw record) to the results folder, and exits 0 only if nothing was lost,
@@ -318,7 +319,7 @@ def run(args: argparse.Namespace, out: Path) -> int:
         facts["broker_version"] = broker_version(node.url)
         health_port = free_port()
         config = daemon_toml(node.url, queue_args, args, runs_file, health_port)
-        daemon = DaemonProcess(out / "daemon", config, env=env_for([BENCH]))
+        daemon = DaemonProcess(out / "daemon", config, env=env_for([BENCH]), runner=args.runner)
         daemon.start()
         assert daemon.proc is not None
         ready = ReadyPoller(health_port, watch_stop)
@@ -479,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 30)), help="traffic time (default 30, or $SOAK_MINUTES)")
     p.add_argument("--broker", choices=["3.10", "4.3"], default=os.environ.get("SOAK_BROKER", "3.10"))
+    p.add_argument("--runner", choices=["command", "twistd"], default=os.environ.get("SOAK_RUNNER", "command"),
+                   help="how the daemon runs: the amqp-consumer command, as the systemd unit runs it (default), or twistd -n")
     p.add_argument("--rate", type=float, default=5.0, help="messages published per second (default 5)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--prefetch", type=int, default=20)

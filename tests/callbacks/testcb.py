@@ -151,3 +151,10 @@ def leak_thread(message) -> None:
     """Leaves a non-daemon thread behind that outlives any stop."""
     threading.Thread(target=time.sleep, args=(3600,), name=f"leaky-{message.body['n']}", daemon=False).start()
     _record(message)
+
+
+def large_block(message) -> None:
+    """Where a 3 MiB block goes in the daemon's process after an 8 MiB one was freed (memory.py)."""
+    from tests.support.malloc import own_mapping_after_a_larger_one
+
+    _record(message, own_mapping=own_mapping_after_a_larger_one(3 << 20))
