@@ -50,7 +50,10 @@ def return_large_blocks(environ: Mapping[str, str] = os.environ) -> LargeBlocks:
         return LargeBlocks.OPERATOR
     if not _libc_is_glibc():
         return LargeBlocks.NOT_GLIBC
-    mallopt = ctypes.CDLL(None).mallopt
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt to be found: not worth failing the start for
+        return LargeBlocks.NOT_GLIBC
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     return LargeBlocks.FIXED if mallopt(_M_MMAP_THRESHOLD, THRESHOLD) == 1 else LargeBlocks.REFUSED

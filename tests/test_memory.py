@@ -50,6 +50,16 @@ def test_an_operators_malloc_setting_is_left_alone() -> None:
     assert probe(fix=True, MALLOC_MMAP_THRESHOLD_=str(16 << 20)) == ["OPERATOR", "False", "False"]
 
 
+def test_no_mallopt_to_be_found_does_not_stop_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from amqp_consumer import memory
+
+    def no_libc(name: object) -> object:
+        raise OSError("no such library")
+
+    monkeypatch.setattr(memory.ctypes, "CDLL", no_libc)
+    assert memory.return_large_blocks({}) is memory.LargeBlocks.NOT_GLIBC
+
+
 @pytest.mark.single_broker  # the process's malloc, not broker behaviour
 @pytest.mark.parametrize("runner", RUNNERS)  # twistd, and the command the systemd unit runs
 def test_the_running_daemon_gives_large_blocks_their_own_mapping(
