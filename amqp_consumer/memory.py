@@ -29,12 +29,12 @@ OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLO
 
 
 class LargeBlocks(enum.Enum):
-    """What became of the threshold (tests and the log read it)."""
+    """What became of the threshold; the tests read it, the daemon carries on whatever it is."""
 
-    FIXED = "fixed at 256 KiB"
-    OPERATOR = "left as the environment sets it"
-    NOT_GLIBC = "not glibc: nothing to do"
-    REFUSED = "glibc refused the setting"
+    FIXED = enum.auto()
+    OPERATOR = enum.auto()  # left as the environment sets it
+    NOT_GLIBC = enum.auto()  # nothing to set
+    REFUSED = enum.auto()  # mallopt said no: glibc's own adjustment stays
 
 
 def _libc_is_glibc() -> bool:

@@ -27,7 +27,6 @@ when twistd imports this module to parse the command line.
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Mapping, cast
 

@@ -3,8 +3,8 @@
 A private RabbitMQ node (never the broker on 5672) with a short consumer
 timeout; the daemon runs as an operator runs it (the `amqp-consumer` command that
 the systemd unit runs, or `twistd -n amqp-consumer` with --runner twistd), with
-a callback that records every run; a publisher with confirms sends good, failing, slow and poison
-messages; the node is killed with SIGKILL every 2-4 minutes and restarted.
+a callback that records every run; a publisher with confirms sends good,
+failing, slow and poison messages; the node is killed with SIGKILL every 2-4 minutes and restarted.
 At the end the queue is drained, the daemon stopped with SIGTERM, and every
 published message is reconciled with where it ended up. See bench/README.md.
 
