@@ -7,17 +7,97 @@ the day it goes, one file changes. The rest of the daemon sees ``Connector``
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+import logging
 import random
 import socket
 import struct
+import sys
+import threading
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, cast
 from urllib.parse import urlsplit
 
+
+# --- importing pika without the adapters we do not use ------------------------------
+#
+# ``import pika.adapters.twisted_connection`` first runs pika/__init__.py and
+# pika/adapters/__init__.py, and these import the blocking, select and asyncio
+# adapters as well: 78 classes and 0.65 MB of an idle daemon (bench/idle_rss.py),
+# never used here. So the two packages go into sys.modules bare, with the
+# ``__path__`` a submodule import needs and pika's ``__version__`` (which
+# connection_workflow imports); the first look-up of anything else their
+# ``__init__`` defines (a callback's ``pika.BlockingConnection``, say) runs the
+# real ``__init__`` then. A pika that is already imported (by a callback module)
+# is left alone, and so is one whose source cannot be read (we take the
+# ``__version__`` from it). tests/test_pika_packages.py checks all of it.
+
+
+def _bare_package(name: str, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+    module = importlib.util.module_from_spec(spec)
+    # Callback threads may ask at once: one runs __init__, the others wait for it. pika's
+    # __init__ completes pika.adapters' on the same thread, hence a reentrant lock.
+    lock = threading.RLock()
+    began = False
+
+    def complete(attribute: str) -> Any:
+        nonlocal began
+        try:  # pika's own `from pika import frame`: a submodule, no __init__ needed
+            return importlib.import_module(f"{name}.{attribute}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{name}.{attribute}":
+                raise
+        with lock:
+            if not began:
+                began = True
+                assert spec.loader is not None
+                spec.loader.exec_module(module)
+                del module.__dict__["__getattr__"]
+        try:  # not getattr(): while __init__ runs, that would come back here
+            return module.__dict__[attribute]
+        except KeyError:
+            raise AttributeError(f"module {name!r} has no attribute {attribute!r}") from None
+
+    module.__getattr__ = complete  # type: ignore[method-assign]  # PEP 562: the module's own fallback
+    return module
+
+
+def _version(source: str) -> str | None:
+    for statement in ast.parse(source).body:
+        match statement:
+            case ast.Assign(targets=[ast.Name(id="__version__")], value=ast.Constant(value=str() as version)):
+                return version
+    return None
+
+
+def _import_pika_bare() -> None:
+    if "pika" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pika")
+    get_source = getattr(spec and spec.loader, "get_source", None)
+    source = get_source("pika") if get_source else None
+    version = _version(source) if source else None
+    if spec is None or version is None:
+        return  # the ordinary import
+    pika = sys.modules["pika"] = _bare_package("pika", spec)
+    setattr(pika, "__version__", version)
+    logging.getLogger("pika").addHandler(logging.NullHandler())  # as pika's __init__ does first
+    adapters_spec = importlib.util.find_spec("pika.adapters")
+    assert adapters_spec is not None
+    setattr(pika, "adapters", _bare_package("pika.adapters", adapters_spec))
+    sys.modules["pika.adapters"] = pika.adapters
+
+
+_import_pika_bare()
+
 # pika ships no type information (no py.typed): everything from it is Any, here
 # and only here. The rest of the daemon sees the typed classes below.
-import pika  # type: ignore[import-untyped]
+import pika  # type: ignore[import-untyped]  # noqa: E402  (after _import_pika_bare)
 import pika.channel  # type: ignore[import-untyped]
+import pika.connection  # type: ignore[import-untyped]
 import pika.credentials  # type: ignore[import-untyped]
 import pika.data  # type: ignore[import-untyped]
 import pika.frame  # type: ignore[import-untyped]
@@ -210,7 +290,7 @@ class _Protocol(TwistedProtocolConnection):  # type: ignore[misc]  # pika's clas
             watch.received()
         self._impl.data_received(data)
 
-    def __init__(self, parameters: pika.ConnectionParameters, custom_reactor: Any = None) -> None:
+    def __init__(self, parameters: pika.connection.ConnectionParameters, custom_reactor: Any = None) -> None:
         super().__init__(parameters, custom_reactor=custom_reactor)
         impl = self._impl
         # A header pika cannot decode must not kill the connection (see _read_frame).
@@ -254,7 +334,7 @@ class _Target:
     display: str
     address: str  # host:port, which names the node: the broker does not send its node name
     endpoint: IStreamClientEndpoint
-    params: pika.ConnectionParameters
+    params: pika.connection.ConnectionParameters
 
 
 def _targets(reactor: IReactorTime, config: AMQPConfig, rng: random.Random) -> list[_Target]:
@@ -264,7 +344,7 @@ def _targets(reactor: IReactorTime, config: AMQPConfig, rng: random.Random) -> l
     name = config.connection_name or f"amqp-consumer@{socket.gethostname()}"
     for url in config.urls:
         parts = urlsplit(url)
-        params = pika.URLParameters(url)
+        params = pika.connection.URLParameters(url)
         params.heartbeat = config.heartbeat
         params.client_properties = {"connection_name": name, "product": "amqp-consumer"}
         if config.auth_mechanism == "EXTERNAL":
@@ -775,7 +855,7 @@ class Channel:
         size = properties_size(properties)
         if size > self.max_properties_size:
             raise PublishFailed(f"its properties take {size} bytes, more than a frame holds ({self.max_properties_size})")
-        props = pika.BasicProperties(**properties)
+        props = pika.spec.BasicProperties(**properties)
         try:
             await self._tc.basic_publish(exchange, routing_key, body, props, mandatory=mandatory)
         except Exception as e:
@@ -803,7 +883,7 @@ def _max_properties_size(frame_max: int) -> int:
 def properties_size(properties: Mapping[str, Any]) -> int:
     """Encoded size of these message properties; PublishFailed when pika cannot encode them."""
     try:
-        return sum(len(piece) for piece in pika.BasicProperties(**properties).encode())
+        return sum(len(piece) for piece in pika.spec.BasicProperties(**properties).encode())
     except Exception as e:
         raise PublishFailed(f"its properties cannot be encoded ({_why(e)})") from None
 

@@ -199,8 +199,9 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 list(getPlugins(IServiceMaker))
 """),
-    ("pika and its Twisted adapter", "import pika.adapters.twisted_connection"),
     ("Twisted's ClientService and endpoints", "import twisted.application.internet, twisted.internet.endpoints"),
+    ("amqp_consumer.connection: pika's core and Twisted adapter (not its other adapters), the config",
+     "import amqp_consumer.connection"),
     ("amqp_consumer.tap: config, callback loading, the consumer", "import amqp_consumer.tap"),
     (
         "tap.assemble's imports: the consumer, the daemon, health on twisted.web.http, systemd",
@@ -212,6 +213,8 @@ list(getPlugins(IServiceMaker))
 LEFT_OUT: list[tuple[str, str]] = [
     ("prometheus-client (loaded at the first /metrics scrape)", "import amqp_consumer.metrics as m; m.Metrics(['q']).exposition()"),
     ("twisted.web.server's Site (not used)", "import twisted.web.server"),
+    ("pika's blocking, select and asyncio adapters (what its package __init__ would import)",
+     "import pika; pika.BlockingConnection"),
     ("the SSH manhole's Conch (only when [manhole] listen is set)", "import amqp_consumer.manhole"),
 ]
 

@@ -30,6 +30,9 @@ NOT_WHEN_IDLE = {
     "twisted.web.server": "twisted.web's Site: health runs on twisted.web.http",
     "twisted.spread": "Perspective Broker, which twisted.web.server brings",
     "twisted.web.template": "twisted.web's templates and XML parser, which Site's error pages bring",
+    "pika.adapters.blocking_connection": "pika's blocking adapter, which pika's package __init__ brings",
+    "pika.adapters.select_connection": "pika's select adapter, which pika's package __init__ brings",
+    "pika.adapters.asyncio_connection": "pika's asyncio adapter, which pika's package __init__ brings",
 }
 
 PREAMBLE = """
