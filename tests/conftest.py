@@ -162,6 +162,56 @@ def private_node_4_3(rabbitmq43_root: Path, tmp_path_factory: pytest.TempPathFac
     yield from _private_node("4.3", tmp_path_factory.mktemp("nodes"))
 
 
+@pytest.fixture(scope="session")
+def timeout_node_3_10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    """A private 3.10 node whose consumer timeout is 3 s (RabbitMQ 3.x has no per-queue one), checked
+    twice a second instead of once a minute (channel_tick_interval, advanced.config only). Shared by
+    the tests of the ack timeout; a test that raises a memory alarm on it clears it again."""
+    from tests.support.rabbitnode import rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed: cannot start a private node")
+    node = brokers.make_node("3.10", "acktimeout", tmp_path_factory.mktemp("nodes"), extra_config={"consumer_timeout": "3000"})
+    (node.dir / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 500}]}].\n")
+    node.start()
+    yield node
+    node.cleanup()
+
+
+def _tls_node(version: str, base_dir: Path) -> Iterator[RabbitNode]:
+    from tests.support.rabbitnode import make_tls_files
+
+    # The server certificate names broker.test and 127.0.0.1, not localhost: connecting
+    # through "localhost" is the hostname-mismatch case.
+    files = make_tls_files(base_dir / "pki", hostname="broker.test")
+    node = brokers.make_node(version, "amqpc-tls", base_dir, tls=files, verify_peer=True)
+    node.start()
+    yield node
+    node.cleanup()
+
+
+@pytest.fixture(scope="session")
+def tls_node_3_10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    from tests.support.rabbitnode import rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed: cannot start a private node")
+    yield from _tls_node("3.10", tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def tls_node_4_3(rabbitmq43_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+    yield from _tls_node("4.3", tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_node(broker_version: str, request: pytest.FixtureRequest) -> RabbitNode:
+    """A private node of the test's broker version with TLS (its certificates in ``node.tls``), verifying
+    client certificates and taking EXTERNAL logins. Shared by the session: never stop it."""
+    node: RabbitNode = request.getfixturevalue("tls_node_" + broker_version.replace(".", "_"))
+    return node
+
+
 @pytest.fixture
 def private_node(broker_version: str, request: pytest.FixtureRequest) -> RabbitNode:
     """A private node of the test's broker version (own name, ports and data) that tests may stop, kill and restart.

@@ -11,13 +11,11 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import pika
 import pytest
 from pika import spec
 
-from tests.support import brokers
 from tests.support.broker import Broker, read_rows, unique
 from tests.support.daemonproc import DaemonProcess, daemon_config, env_for, wait_until
 from tests.support.ops import HEALTH_ANYWHERE, health_port, http, http_json, metric_value
@@ -26,18 +24,6 @@ from tests.support.rabbitnode import RabbitNode
 TIMEOUT_MS = 3000
 LIMIT = TIMEOUT_MS / 1000
 SLOW = 8.0  # seconds the first message's callback takes: well past the timeout
-
-
-@pytest.fixture(scope="module")
-def timeout_node_3_10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    """RabbitMQ 3.x has no per-queue consumer timeout: a private node with consumer_timeout set,
-    checked every second instead of every minute (channel_tick_interval, advanced.config only)."""
-    node = brokers.make_node("3.10", "acktimeout", tmp_path_factory.mktemp("nodes"),
-                             extra_config={"consumer_timeout": str(TIMEOUT_MS)})
-    (node.dir / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 1000}]}].\n")
-    node.start()
-    yield node
-    node.cleanup()
 
 
 def _timeout_broker(broker_version: str, broker: Broker, request: pytest.FixtureRequest) -> tuple[Broker, dict, str]:

@@ -1,33 +1,19 @@
 """A memory alarm while a quarantine copy waits for its confirm, then the consumer ack timeout:
 the copy's wait is bounded, the connection survives, and the message is quarantined once.
-A private node: the test alarms it and shortens its consumer timeout."""
+The session's private node with a 3 s consumer timeout (conftest.timeout_node_3_10): the test
+raises a memory alarm on it and clears it again."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import pytest
 import pytest_twisted
 
 from amqp_consumer import quarantine
 from tests.conftest import until
 from tests.support.broker import Broker, unique
 from tests.support.inprocess import in_process, inprocess_config
-
-
-@pytest.fixture(scope="module")
-def alarm_node(tmp_path_factory: pytest.TempPathFactory):
-    from tests.support.rabbitnode import RabbitNode, rabbitmq_available
-
-    if not rabbitmq_available():
-        pytest.skip("RabbitMQ is not installed: cannot start a private node")
-    node = RabbitNode("amqpc-alarm", tmp_path_factory.mktemp("alarm"), extra_config={"consumer_timeout": "3000"})
-    # the consumer timeout is checked on the channel's tick, once a minute unless told otherwise
-    (node.dir / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 500}]}].\n")
-    node.start()
-    yield node
-    node.cleanup()
 
 
 class Captured(logging.Handler):
@@ -40,9 +26,9 @@ class Captured(logging.Handler):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_once_on_one_connection(reactor, tmp_path: Path, alarm_node, monkeypatch):
+async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_once_on_one_connection(reactor, tmp_path: Path, timeout_node_3_10, monkeypatch):
     monkeypatch.setattr(quarantine, "PUBLISH_TIMEOUT", 8.0)
-    broker = Broker(alarm_node.url)
+    broker = Broker(timeout_node_3_10.url)
     queue = unique("q")
     runs: list[str] = []
 
@@ -54,8 +40,8 @@ async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_
     logging.getLogger("pika").addHandler(pika_log)
     broker.declare(queue)
     broker.publish_json(queue, [{"n": 1}], message_id="poison")
-    alarm_node.ctl("set_vm_memory_high_watermark", "0")  # publishing blocks from now on
-    daemon = in_process(reactor, inprocess_config(tmp_path, queue, alarm_node.url), callback, on_exit=lambda c: None)
+    timeout_node_3_10.ctl("set_vm_memory_high_watermark", "0")  # publishing blocks from now on
+    daemon = in_process(reactor, inprocess_config(tmp_path, queue, timeout_node_3_10.url), callback, on_exit=lambda c: None)
     daemon.startService()
     alarmed = True
     try:
@@ -63,7 +49,7 @@ async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_
         # its copy cannot be confirmed; 3 s on, the broker closes the channel for the ack timeout
         await until(reactor, lambda: daemon.metrics.quarantine_failures[queue] == 1, timeout=30, what="the copy's deadline")
         assert not daemon.state.readiness()[0]  # the broker closed the channel for its ack timeout
-        alarm_node.ctl("set_vm_memory_high_watermark", "0.4")
+        timeout_node_3_10.ctl("set_vm_memory_high_watermark", "0.4")
         alarmed = False
         await until(
             reactor,
@@ -78,7 +64,7 @@ async def test_a_copy_held_by_a_memory_alarm_then_an_ack_timeout_is_quarantined_
         assert not [line for line in pika_log.lines if "unregistered channel" in line]
     finally:
         if alarmed:
-            alarm_node.ctl("set_vm_memory_high_watermark", "0.4")
+            timeout_node_3_10.ctl("set_vm_memory_high_watermark", "0.4")
         await daemon.stopService()
         logging.getLogger("pika").removeHandler(pika_log)
         broker.delete(queue)

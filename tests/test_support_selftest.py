@@ -19,7 +19,7 @@ import pytest
 from tests.support import rabbit43
 from tests.support.brokers import SHARED, make_node
 from tests.support.broker import Broker
-from tests.support.rabbitnode import RabbitNode, TLSFiles, make_tls_files, rabbitmq_available
+from tests.support.rabbitnode import RabbitNode, TLSFiles, rabbitmq_available
 from tests.support.tcpproxy import TCPProxy
 
 pytestmark = [pytest.mark.broker_node]
@@ -55,18 +55,16 @@ def _round_trip(connection: pika.BlockingConnection, body: bytes) -> None:
     channel.close()
 
 
-def _node(version: str, name: str, request: pytest.FixtureRequest, base: Path, **options) -> RabbitNode:
-    if version == SHARED and not rabbitmq_available():
-        pytest.skip("RabbitMQ is not installed")
-    if version != SHARED:
-        request.getfixturevalue("rabbitmq43_root")
-    return make_node(version, name, base, **options)
-
-
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory, broker_version: str, request: pytest.FixtureRequest) -> Iterator[RabbitNode]:
-    rabbit = _node(broker_version, "selftest", request, tmp_path_factory.mktemp("rabbitnode"),
-                   extra_config={"consumer_timeout": "3600000"})
+    """A fresh node of its own (not the session's private node, which restarts slower with what
+    other tests left on it)."""
+    if broker_version == SHARED and not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed")
+    if broker_version != SHARED:
+        request.getfixturevalue("rabbitmq43_root")
+    rabbit = make_node(broker_version, "selftest", tmp_path_factory.mktemp("rabbitnode"),
+                       extra_config={"consumer_timeout": "3600000"})
     try:
         rabbit.start()
         yield rabbit
@@ -96,7 +94,7 @@ def test_node_identity(node: RabbitNode, broker_version: str) -> None:
     assert node.tls_port is None
     assert node.is_running()
     assert node.port != 5672
-    assert "selftest" in node.ctl("status").stdout
+    assert node.name in node.ctl("status").stdout
     assert _server_version(node.url).startswith(broker_version + ".")
     # extra_config lines reach rabbitmq.conf
     assert node.ctl("eval", "application:get_env(rabbit, consumer_timeout).").stdout.strip() == "{ok,3600000}"
@@ -266,29 +264,20 @@ def test_graceful_stop_and_restart(node: RabbitNode) -> None:
 # -- TLS -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TLSFiles:
-    return make_tls_files(tmp_path_factory.mktemp("tls"))
+# conftest's tls_node, shared with tests/test_tls.py: its certificate names broker.test and 127.0.0.1.
 
 
-@pytest.fixture(scope="module")
-def tls_node(
-    tmp_path_factory: pytest.TempPathFactory, tls_files: TLSFiles, broker_version: str, request: pytest.FixtureRequest
-) -> Iterator[RabbitNode]:
-    rabbit = _node(broker_version, "selftest-tls", request, tmp_path_factory.mktemp("rabbitnode-tls"),
-                   tls=tls_files, verify_peer=True)
-    try:
-        rabbit.start()
-        yield rabbit
-    finally:
-        rabbit.cleanup()
+@pytest.fixture
+def tls_files(tls_node: RabbitNode) -> TLSFiles:
+    assert tls_node.tls is not None
+    return tls_node.tls
 
 
 def _tls_params(
     node: RabbitNode,
     cafile: Path,
-    server_hostname: str = "localhost",
-    host: str = "localhost",
+    server_hostname: str = "broker.test",
+    host: str = "127.0.0.1",
     client: TLSFiles | None = None,
 ) -> pika.URLParameters:
     context = ssl.create_default_context(cafile=str(cafile))
@@ -329,6 +318,6 @@ def test_tls_rejects_bad_server_identity(tls_node: RabbitNode, tls_files: TLSFil
     if case == "wrong-ca":
         params = _tls_params(tls_node, tls_files.other_ca_cert)
     else:
-        params = _tls_params(tls_node, tls_files.ca_cert, server_hostname="not-localhost.example")
+        params = _tls_params(tls_node, tls_files.ca_cert, server_hostname="not-broker.example")
     with pytest.raises((pika.exceptions.AMQPConnectionError, ssl.SSLError)):
         pika.BlockingConnection(params)

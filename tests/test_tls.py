@@ -12,29 +12,9 @@ from tests.support.daemonproc import DaemonProcess, daemon_config, env_for, wait
 pytestmark = pytest.mark.broker_node
 
 
-@pytest.fixture(scope="module")
-def tls_node(tmp_path_factory, broker_version, request):
-    from tests.support.brokers import SHARED, make_node
-    from tests.support.rabbitnode import make_tls_files, rabbitmq_available
-
-    if broker_version == SHARED and not rabbitmq_available():
-        pytest.skip("RabbitMQ is not installed")
-    if broker_version != SHARED:
-        request.getfixturevalue("rabbitmq43_root")
-    base = tmp_path_factory.mktemp("tls")
-    # The server certificate names broker.test and 127.0.0.1, not localhost: connecting
-    # through "localhost" is the hostname-mismatch case.
-    files = make_tls_files(base / "pki", hostname="broker.test")
-    node = make_node(broker_version, "amqpc-tls", base, tls=files, verify_peer=True)
-    node.start()
-    yield node
-    node.cleanup()
-
-
 def tls_config(url: str, queue: str, ca: Path, extra_amqp: str = "", tls_extra: str = "") -> str:
     tls = f'{extra_amqp}\n\n[amqp.tls]\nca_cert = "{ca}"\n{tls_extra}'
     return daemon_config(queue, url=url, reconnect=(0.5, 2.0), amqp_extra=tls)
-
 
 
 def run(tmp_path: Path, text: str, out_file: Path, daemons: list) -> DaemonProcess:
