@@ -45,11 +45,12 @@ def _bare_package(name: str, spec: importlib.machinery.ModuleSpec) -> types.Modu
 
     def complete(attribute: str) -> Any:
         nonlocal began
-        try:  # pika's own `from pika import frame`: a submodule, no __init__ needed
-            return importlib.import_module(f"{name}.{attribute}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{name}.{attribute}":
-                raise
+        if attribute.isidentifier() and not attribute.startswith("__"):
+            try:  # pika's own `from pika import frame`: a submodule, no __init__ needed
+                return importlib.import_module(f"{name}.{attribute}")
+            except ModuleNotFoundError as e:
+                if e.name != f"{name}.{attribute}":
+                    raise
         with lock:
             if not began:
                 began = True

@@ -30,6 +30,7 @@ import pika
 print(pika.__version__, len(logging.getLogger("pika").handlers))
 print(pika.BlockingConnection.__name__, sum(m in sys.modules for m in {OTHER_ADAPTERS!r}))
 print(all(hasattr(pika, n) for n in pika.__all__), all(hasattr(pika.adapters, n) for n in pika.adapters.__all__))
+print(hasattr(pika, "not_in_pika"), hasattr(pika, "not.a.name"))
 from pika.adapters import SelectConnection
 print(SelectConnection.__module__, len(logging.getLogger("pika").handlers))
 """)
@@ -38,6 +39,7 @@ print(SelectConnection.__module__, len(logging.getLogger("pika").handlers))
         version("pika"), "1",  # what pika's __init__ sets first: the broker sees the version
         "BlockingConnection", "3",
         "True", "True",
+        "False", "False",  # what pika lacks is an AttributeError, as ever
         "pika.adapters.select_connection", "2",  # pika's own NullHandler beside ours
     ]
 
@@ -80,3 +82,11 @@ for t in threads: t.join()
 print(len(found), set(found) == {"BasicProperties"}, len(logging.getLogger("pika").handlers))
 """)
     assert out == ["8", "True", "2"]
+
+
+def test_a_name_pika_lacks_is_an_attribute_error_before_the_rest_is_loaded_too() -> None:
+    out = run("""
+import amqp_consumer.connection, pika
+print(hasattr(pika, "not.a.name"), hasattr(pika, "not_in_pika"), hasattr(pika.adapters, "nor_here"))
+""")
+    assert out == ["False", "False", "False"]
