@@ -141,25 +141,34 @@ def out_file(tmp_path: Path) -> Path:
     return tmp_path / "seen.jsonl"
 
 
-def _private_node(version: str, base_dir: Path) -> Iterator[RabbitNode]:
-    node = brokers.make_node(version, "amqpc-test", base_dir)
+def _require_rabbitmq() -> None:
+    from tests.support.rabbitnode import rabbitmq_available
+
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ is not installed: cannot start a private node")
+
+
+def _started(node: RabbitNode) -> Iterator[RabbitNode]:
     node.start()
     yield node
     node.cleanup()
 
 
+def _of_the_tests_version(kind: str, broker_version: str, request: pytest.FixtureRequest) -> RabbitNode:
+    """The session's ``<kind>_3_10`` or ``<kind>_4_3`` node, as the test's broker version says."""
+    node: RabbitNode = request.getfixturevalue(f"{kind}_{broker_version.replace('.', '_')}")
+    return node
+
+
 @pytest.fixture(scope="session")
 def private_node_3_10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    from tests.support.rabbitnode import rabbitmq_available
-
-    if not rabbitmq_available():
-        pytest.skip("RabbitMQ is not installed: cannot start a private node")
-    yield from _private_node("3.10", tmp_path_factory.mktemp("nodes"))
+    _require_rabbitmq()
+    yield from _started(brokers.make_node("3.10", "amqpc-test", tmp_path_factory.mktemp("nodes")))
 
 
 @pytest.fixture(scope="session")
 def private_node_4_3(rabbitmq43_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    yield from _private_node("4.3", tmp_path_factory.mktemp("nodes"))
+    yield from _started(brokers.make_node("4.3", "amqpc-test", tmp_path_factory.mktemp("nodes")))
 
 
 @pytest.fixture(scope="session")
@@ -167,49 +176,37 @@ def timeout_node_3_10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rabb
     """A private 3.10 node whose consumer timeout is 3 s (RabbitMQ 3.x has no per-queue one), checked
     twice a second instead of once a minute (channel_tick_interval, advanced.config only). Shared by
     the tests of the ack timeout; a test that raises a memory alarm on it clears it again."""
-    from tests.support.rabbitnode import rabbitmq_available
-
-    if not rabbitmq_available():
-        pytest.skip("RabbitMQ is not installed: cannot start a private node")
+    _require_rabbitmq()
     node = brokers.make_node("3.10", "acktimeout", tmp_path_factory.mktemp("nodes"), extra_config={"consumer_timeout": "3000"})
     (node.dir / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 500}]}].\n")
-    node.start()
-    yield node
-    node.cleanup()
+    yield from _started(node)
 
 
-def _tls_node(version: str, base_dir: Path) -> Iterator[RabbitNode]:
+def _tls_node(version: str, base_dir: Path) -> RabbitNode:
     from tests.support.rabbitnode import make_tls_files
 
     # The server certificate names broker.test and 127.0.0.1, not localhost: connecting
     # through "localhost" is the hostname-mismatch case.
     files = make_tls_files(base_dir / "pki", hostname="broker.test")
-    node = brokers.make_node(version, "amqpc-tls", base_dir, tls=files, verify_peer=True)
-    node.start()
-    yield node
-    node.cleanup()
+    return brokers.make_node(version, "amqpc-tls", base_dir, tls=files, verify_peer=True)
 
 
 @pytest.fixture(scope="session")
 def tls_node_3_10(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    from tests.support.rabbitnode import rabbitmq_available
-
-    if not rabbitmq_available():
-        pytest.skip("RabbitMQ is not installed: cannot start a private node")
-    yield from _tls_node("3.10", tmp_path_factory.mktemp("tls"))
+    _require_rabbitmq()
+    yield from _started(_tls_node("3.10", tmp_path_factory.mktemp("tls")))
 
 
 @pytest.fixture(scope="session")
 def tls_node_4_3(rabbitmq43_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
-    yield from _tls_node("4.3", tmp_path_factory.mktemp("tls"))
+    yield from _started(_tls_node("4.3", tmp_path_factory.mktemp("tls")))
 
 
 @pytest.fixture
 def tls_node(broker_version: str, request: pytest.FixtureRequest) -> RabbitNode:
     """A private node of the test's broker version with TLS (its certificates in ``node.tls``), verifying
     client certificates and taking EXTERNAL logins. Shared by the session: never stop it."""
-    node: RabbitNode = request.getfixturevalue("tls_node_" + broker_version.replace(".", "_"))
-    return node
+    return _of_the_tests_version("tls_node", broker_version, request)
 
 
 @pytest.fixture
@@ -218,8 +215,7 @@ def private_node(broker_version: str, request: pytest.FixtureRequest) -> RabbitN
 
     Shared by the session to pay its start-up once; a test that stops it must leave it running.
     """
-    node: RabbitNode = request.getfixturevalue("private_node_" + broker_version.replace(".", "_"))
-    return node
+    return _of_the_tests_version("private_node", broker_version, request)
 
 
 @pytest.fixture
