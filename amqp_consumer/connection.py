@@ -7,11 +7,13 @@ the day it goes, one file changes. The rest of the daemon sees ``Connector``
 
 from __future__ import annotations
 
+import __future__
 import ast
 import importlib
 import importlib.util
 import logging
 import random
+import re
 import socket
 import struct
 import sys
@@ -22,30 +24,41 @@ from typing import Any, Callable, Mapping, cast
 from urllib.parse import urlsplit
 
 
-# --- importing pika without the adapters we do not use ------------------------------
+# --- importing only the pika the daemon uses ------------------------------------------
 #
-# ``import pika.adapters.twisted_connection`` first runs pika/__init__.py and
-# pika/adapters/__init__.py, and these import the blocking, select and asyncio
-# adapters as well: 78 classes and 0.65 MB of an idle daemon (bench/idle_rss.py),
-# never used here. So the two packages go into sys.modules bare, with the
-# ``__path__`` a submodule import needs and pika's ``__version__`` (which
-# connection_workflow imports); the first look-up of anything else their
-# ``__init__`` defines (a callback's ``pika.BlockingConnection``, say) runs the
-# real ``__init__`` then. A pika that is already imported (by a callback module)
-# is left alone, and so is one whose source cannot be read (we take the
-# ``__version__`` from it). tests/test_pika_packages.py checks all of it.
+# ``import pika.adapters.twisted_connection`` runs three things the daemon never uses,
+# which an idle daemon would hold (bench/idle_rss.py):
+# - pika/__init__.py and pika/adapters/__init__.py, which import the blocking, select
+#   and asyncio adapters as well: 78 classes, 0.65 MB;
+# - pika.adapters.utils.io_services_utils, the other adapters' socket and TLS plumbing,
+#   from which the Twisted adapter takes one five-line check (check_callback_arg): 0.15 MB;
+# - in pika.data, the decimal module, for one AMQP field type: 0.4 MB.
+# So pika, pika.adapters and io_services_utils go into sys.modules bare, holding only
+# what is used: the ``__path__`` a submodule import needs, pika's ``__version__``
+# (connection_workflow imports it, and the broker sees it) and check_callback_arg,
+# compiled alone from pika's own source, at its own lines. The first look-up of anything else they define (a callback's
+# ``pika.BlockingConnection``, say) runs the real module then. pika.data gets a stand-in
+# for decimal (below). A pika that is already imported (by a callback module) is left
+# alone, and so is one whose source does not read as expected: that gets the ordinary
+# import. tests/test_pika_packages.py checks all of it.
 
 
-def _bare_package(name: str, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+def _bare_module(spec: importlib.machinery.ModuleSpec, early: types.CodeType | None = None) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
-    # Callback threads may ask at once: one runs __init__, the others wait for it. pika's
+    name = spec.name
+    if early is not None:
+        exec(early, module.__dict__)
+    # Callback threads may ask at once: one runs the module, the others wait for it. pika's
     # __init__ completes pika.adapters' on the same thread, hence a reentrant lock.
     lock = threading.RLock()
     began = False
 
     def complete(attribute: str) -> Any:
         nonlocal began
-        if attribute.isidentifier() and not attribute.startswith("__"):
+        if spec.submodule_search_locations is None and attribute == "__path__":
+            # What `from module import name` asks first: running a module never makes it a package.
+            raise AttributeError(f"module {name!r} has no attribute '__path__'")
+        if spec.submodule_search_locations is not None and attribute.isidentifier() and not attribute.startswith("__"):
             try:  # pika's own `from pika import frame`: a submodule, no __init__ needed
                 return importlib.import_module(f"{name}.{attribute}")
             except ModuleNotFoundError as e:
@@ -57,7 +70,7 @@ def _bare_package(name: str, spec: importlib.machinery.ModuleSpec) -> types.Modu
                 assert spec.loader is not None
                 spec.loader.exec_module(module)
                 del module.__dict__["__getattr__"]
-        try:  # not getattr(): while __init__ runs, that would come back here
+        try:  # not getattr(): while the module runs, that would come back here
             return module.__dict__[attribute]
         except KeyError:
             raise AttributeError(f"module {name!r} has no attribute {attribute!r}") from None
@@ -66,33 +79,107 @@ def _bare_package(name: str, spec: importlib.machinery.ModuleSpec) -> types.Modu
     return module
 
 
-def _version(source: str) -> str | None:
-    for statement in ast.parse(source).body:
+def _source(spec: importlib.machinery.ModuleSpec | None) -> str | None:
+    get_source = getattr(spec and spec.loader, "get_source", None)
+    try:
+        return get_source(spec.name) if spec and get_source else None
+    except (ImportError, OSError):
+        return None
+
+
+def _version(source: str | None) -> str | None:
+    for statement in ast.parse(source).body if source else ():
         match statement:
             case ast.Assign(targets=[ast.Name(id="__version__")], value=ast.Constant(value=str() as version)):
                 return version
     return None
 
 
+def _definition(spec: importlib.machinery.ModuleSpec, function: str) -> types.CodeType | None:
+    """One top-level function of the module, compiled alone at its own lines (for tracebacks)."""
+    source = _source(spec)
+    found = re.search(rf"^def {function}\(.*?(?=^\S)", source, re.M | re.S) if source else None
+    if source is None or found is None:
+        return None
+    try:
+        code: types.CodeType = compile("\n" * source.count("\n", 0, found.start()) + found.group(),
+                                       spec.origin or spec.name, "exec",
+                                       flags=__future__.annotations.compiler_flag, dont_inherit=True)
+    except SyntaxError:
+        return None
+    return code
+
+
 def _import_pika_bare() -> None:
     if "pika" in sys.modules:
         return
     spec = importlib.util.find_spec("pika")
-    get_source = getattr(spec and spec.loader, "get_source", None)
-    source = get_source("pika") if get_source else None
-    version = _version(source) if source else None
+    version = _version(_source(spec))
     if spec is None or version is None:
         return  # the ordinary import
-    pika = sys.modules["pika"] = _bare_package("pika", spec)
+    pika = sys.modules["pika"] = _bare_module(spec)
     setattr(pika, "__version__", version)
     logging.getLogger("pika").addHandler(logging.NullHandler())  # as pika's __init__ does first
     adapters_spec = importlib.util.find_spec("pika.adapters")
     assert adapters_spec is not None
-    setattr(pika, "adapters", _bare_package("pika.adapters", adapters_spec))
-    sys.modules["pika.adapters"] = pika.adapters
+    sys.modules["pika.adapters"] = _bare_module(adapters_spec)
+    setattr(pika, "adapters", sys.modules["pika.adapters"])
+    io_spec = importlib.util.find_spec("pika.adapters.utils.io_services_utils")  # imports pika.adapters.utils
+    early = _definition(io_spec, "check_callback_arg") if io_spec else None
+    if io_spec is not None and early is not None:
+        io = sys.modules[io_spec.name] = _bare_module(io_spec, early)
+        setattr(sys.modules["pika.adapters.utils"], "io_services_utils", io)
 
 
 _import_pika_bare()
+
+
+# --- pika.data without the decimal module ------------------------------------------
+#
+# pika.data imports decimal for the AMQP decimal field type. The broker sends none in
+# the handshake, and a message carries one only if its publisher put a Decimal in its
+# headers. So while pika.data is imported, "decimal" names a stand-in: no value is an
+# instance of its Decimal until the real module exists (no Decimal can exist before
+# it does), and calling it (a header of that type being decoded) imports the real
+# module and puts it in pika.data in the stand-in's place. A decimal imported earlier
+# is used as it is.
+
+
+class _DecimalOnDemand(type):
+    def __instancecheck__(cls, value: object) -> bool:
+        real = sys.modules.get("decimal")
+        return real is not None and real is not _DECIMAL_STAND_IN and isinstance(value, real.Decimal)
+
+    def __call__(cls, *args: Any) -> Any:
+        import decimal
+
+        pika.data.decimal = decimal
+        return decimal.Decimal(*args)
+
+
+class _Decimal(metaclass=_DecimalOnDemand):
+    pass
+
+
+_DECIMAL_STAND_IN = types.ModuleType("decimal", "pika.data's decimal until one is needed (amqp_consumer.connection)")
+setattr(_DECIMAL_STAND_IN, "Decimal", _Decimal)
+
+
+def _import_pika_data_without_decimal() -> None:
+    if "decimal" in sys.modules or "pika.data" in sys.modules:
+        return
+    # What pika.data imports besides decimal, first: none of them may see the stand-in.
+    for name in ("calendar", "datetime", "struct", "typing", "pika.compat", "pika.exceptions"):
+        importlib.import_module(name)
+    sys.modules["decimal"] = _DECIMAL_STAND_IN
+    try:
+        importlib.import_module("pika.data")
+    finally:
+        if sys.modules.get("decimal") is _DECIMAL_STAND_IN:
+            del sys.modules["decimal"]
+
+
+_import_pika_data_without_decimal()
 
 # pika ships no type information (no py.typed): everything from it is Any, here
 # and only here. The rest of the daemon sees the typed classes below.
@@ -113,12 +200,14 @@ from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import (
     IAddress,
     IOpenSSLClientConnectionCreator,
     IProtocol,
     IProtocolFactory,
+    IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -353,7 +442,7 @@ def _targets(reactor: IReactorTime, config: AMQPConfig, rng: random.Random) -> l
         tls = parts.scheme == "amqps"
         port = parts.port or (5671 if tls else 5672)
         host = parts.hostname or "localhost"
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, host, port, timeout=config.connect_timeout)
+        endpoint = _tcp_endpoint(reactor, host, port, config.connect_timeout)
         if tls:
             endpoint = wrapClientTLS(_tls_options(host, config), endpoint)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -361,6 +450,21 @@ def _targets(reactor: IReactorTime, config: AMQPConfig, rng: random.Random) -> l
     if config.shuffle:
         rng.shuffle(out)
     return out
+
+
+def _tcp_endpoint(reactor: IReactorTime, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """An address is connected to as it is; only a name goes through the resolver.
+
+    HostnameEndpoint resolves even an address, on the reactor's thread pool: that
+    starts a thread which then stays, with its malloc arena and glibc's resolver
+    state, and loads the IDNA codec: 0.35 MB of an idle daemon (bench/idle_rss.py).
+    """
+    tcp = cast(IReactorTCP, reactor)
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(tcp, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(tcp, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 def _tls_options(host: str, config: AMQPConfig) -> IOpenSSLClientConnectionCreator:

@@ -149,8 +149,12 @@ class WorkerPool(ThreadPool):
 
 
 def worker_pool(workers: int) -> WorkerPool:
-    """The bounded pool sync callbacks run on (daemon threads)."""
-    return WorkerPool(minthreads=workers, maxthreads=workers, name="amqp-consumer-worker")
+    """The bounded pool sync callbacks run on (daemon threads).
+
+    Its threads start with the first messages and then stay: a daemon that has not
+    had a message yet holds none of them.
+    """
+    return WorkerPool(minthreads=0, maxthreads=workers, name="amqp-consumer-worker")
 
 
 class Dispatcher:

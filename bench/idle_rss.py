@@ -200,7 +200,7 @@ from twisted.plugin import getPlugins
 list(getPlugins(IServiceMaker))
 """),
     ("Twisted's ClientService and endpoints", "import twisted.application.internet, twisted.internet.endpoints"),
-    ("amqp_consumer.connection: pika's core and Twisted adapter (not its other adapters), the config",
+    ("amqp_consumer.connection: pika's core and Twisted adapter (not its other adapters, their plumbing or decimal), the config",
      "import amqp_consumer.connection"),
     ("amqp_consumer.tap: config, callback loading, the consumer", "import amqp_consumer.tap"),
     (
@@ -213,8 +213,11 @@ list(getPlugins(IServiceMaker))
 LEFT_OUT: list[tuple[str, str]] = [
     ("prometheus-client (loaded at the first /metrics scrape)", "import amqp_consumer.metrics as m; m.Metrics(['q']).exposition()"),
     ("twisted.web.server's Site (not used)", "import twisted.web.server"),
-    ("pika's blocking, select and asyncio adapters (what its package __init__ would import)",
+    ("pika's blocking, select and asyncio adapters (what its package __init__ would import), with their plumbing",
      "import pika; pika.BlockingConnection"),
+    ("the rest of pika's io_services_utils (the other adapters' plumbing; the Twisted adapter uses one check)",
+     "import pika.adapters.utils.io_services_utils as m; m.SocketConnectionMixin"),
+    ("decimal (pika.data's, loaded when a message carries a decimal header)", "import decimal"),
     ("the SSH manhole's Conch (only when [manhole] listen is set)", "import amqp_consumer.manhole"),
 ]
 
@@ -278,7 +281,7 @@ def main() -> None:
             now = median_of(a.runs, lambda: python_rss(code))["VmRSS"]
             print(f"  +{mb(now - previous):>8}  {what}")
             previous = now
-        print(f"  +{mb(daemon['VmRSS'] - previous):>8}  kept at run time: connection, threads, buffers")
+        print(f"  +{mb(daemon['VmRSS'] - previous):>8}  kept at run time: connection, buffers")
         print("not in an idle daemon (each on top of all the above):")
         for what, step in LEFT_OUT:
             now = median_of(a.runs, lambda: python_rss(code + "\n" + step))["VmRSS"]

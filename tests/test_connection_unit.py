@@ -257,6 +257,33 @@ def test_each_failed_attempt_moves_to_the_next_url_and_wraps_around() -> None:
     assert rr.current.display == "amqp://node1/"  # after the last URL, the first again
 
 
+# --- which endpoint a URL's host gets ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [("amqp://u:p@127.0.0.1:5673/%2F", "127.0.0.1"), ("amqp://u:p@[::1]:5673/%2F", "::1")],
+)
+def test_an_address_is_connected_to_as_it_is_without_the_resolvers_thread(url: str, host: str) -> None:
+    reactor = MemoryReactorClock()
+    resolved: list[str] = []
+    reactor.nameResolver = SimpleNamespace(resolveHostName=lambda receiver, name, *a, **k: resolved.append(name))  # type: ignore[assignment]
+    connector = Connector(reactor, AMQPConfig(urls=(url,), connect_timeout=7.0), lambda s: None, lambda f: None, lambda e: None)
+    connector.startService()
+    assert resolved == []
+    [(connected_to, port, _factory, timeout, _bind)] = reactor.tcpClients
+    assert (connected_to, port, timeout) == (host, 5673, 7.0)
+
+
+def test_a_host_name_goes_through_the_resolver() -> None:
+    reactor = MemoryReactorClock()
+    resolved: list[str] = []
+    reactor.nameResolver = SimpleNamespace(resolveHostName=lambda receiver, name, *a, **k: resolved.append(name))  # type: ignore[assignment]
+    connector = Connector(reactor, AMQPConfig(urls=("amqp://u:p@rabbit.example:5673/%2F",)), lambda s: None, lambda f: None, lambda e: None)
+    connector.startService()
+    assert resolved == ["rabbit.example"] and reactor.tcpClients == []
+
+
 # --- a login the broker refuses ---------------------------------------------------------------
 
 

@@ -33,6 +33,10 @@ NOT_WHEN_IDLE = {
     "pika.adapters.blocking_connection": "pika's blocking adapter, which pika's package __init__ brings",
     "pika.adapters.select_connection": "pika's select adapter, which pika's package __init__ brings",
     "pika.adapters.asyncio_connection": "pika's asyncio adapter, which pika's package __init__ brings",
+    "pika.diagnostic_utils": "what pika's io_services_utils brings, of which the Twisted adapter uses one check",
+    "decimal": "pika.data's decimal module, before a message carries a decimal header",
+    # The broker's URL here is an address: connecting to it resolves nothing.
+    "encodings.idna": "the IDNA codec, which only a host name needs",
 }
 
 PREAMBLE = """
@@ -88,6 +92,10 @@ class Daemon:
         return int(found.group(1))
 
 
+def threads(pid: int) -> int:
+    return int(re.search(r"^Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1))  # type: ignore[union-attr]
+
+
 def loaded(modules: set[str], package: str) -> bool:
     return any(m == package or m.startswith(package + ".") for m in modules)
 
@@ -118,6 +126,9 @@ def test_an_idle_daemon_has_not_imported_what_is_off_or_not_yet_asked_for(idle_d
     assert "amqp_consumer.consumer" in modules and "twisted.web.http" in modules  # the list is the daemon's
     held = {package: why for package, why in NOT_WHEN_IDLE.items() if loaded(modules, package)}
     assert held == {}, f"an idle daemon imported: {held}"
+    # Nor does it hold threads: connecting to an address starts no resolver thread, and the
+    # callback pool starts its threads with the first message.
+    assert threads(idle_daemon.proc.pid) == 1
     if idle_daemon.runner == "command":
         held = {package: why for package, why in NOT_UNDER_THE_COMMAND.items() if loaded(modules, package)}
         assert held == {}, f"the amqp-consumer command imported: {held}"

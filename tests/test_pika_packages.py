@@ -1,4 +1,5 @@
-"""connection.py imports pika without the package ``__init__``s that bring its other adapters.
+"""connection.py imports pika without the parts the daemon never uses: the package ``__init__``s that
+bring its other adapters, their socket plumbing, and pika.data's decimal module.
 
 Each check runs in a fresh python (this one imported all of pika long ago). That a running
 daemon, under either runner, never loads the other adapters is tests/test_idle_imports.py's.
@@ -90,3 +91,90 @@ import amqp_consumer.connection, pika
 print(hasattr(pika, "not.a.name"), hasattr(pika, "not_in_pika"), hasattr(pika.adapters, "nor_here"))
 """)
     assert out == ["False", "False", "False"]
+
+
+def test_the_adapters_one_check_is_pikas_own_and_the_rest_of_its_module_loads_when_asked_for() -> None:
+    # io_services_utils is the other adapters' socket and TLS plumbing; the Twisted adapter
+    # takes check_callback_arg from it, compiled alone from pika's source at its own lines.
+    out = run("""
+import inspect, sys
+import amqp_consumer.connection
+io = sys.modules["pika.adapters.utils.io_services_utils"]
+import pika.adapters.utils
+print("pika.diagnostic_utils" in sys.modules, "SocketConnectionMixin" in vars(io), pika.adapters.utils.io_services_utils is io)
+check = io.check_callback_arg
+print(check.__module__, check.__code__.co_filename == io.__file__)
+print(inspect.getsourcelines(check)[0][0].strip() == "def check_callback_arg(callback: Any, name: str) -> None:")
+try:
+    check(None, "on_done")
+except TypeError as e:
+    print(str(e).replace(" ", "_"))
+print(io.SocketConnectionMixin.__name__, "pika.diagnostic_utils" in sys.modules)
+from pika.adapters.asyncio_connection import AsyncioConnection
+print(AsyncioConnection.__name__, hasattr(io, "not_in_pika"))
+""")
+    assert out == [
+        "False", "False", "True",
+        "pika.adapters.utils.io_services_utils", "True",
+        "True",
+        "on_done_must_be_callable,_but_got_None",
+        "SocketConnectionMixin", "True",
+        "AsyncioConnection", "False",
+    ]
+
+
+def test_a_check_pika_no_longer_defines_gets_the_ordinary_import() -> None:
+    out = run("""
+import sys
+from importlib.machinery import SourceFileLoader
+real = SourceFileLoader.get_source
+SourceFileLoader.get_source = lambda self, name: (
+    real(self, name).replace("def check_callback_arg(", "def renamed(") if name.endswith("io_services_utils") else real(self, name))
+import amqp_consumer.connection
+print("SocketConnectionMixin" in vars(sys.modules["pika.adapters.utils.io_services_utils"]))
+""")
+    assert out == ["True"]
+
+
+def test_pika_data_does_without_decimal_until_a_message_carries_one() -> None:
+    out = run("""
+import sys
+import amqp_consumer.connection, pika.data
+print("decimal" in sys.modules)
+pieces = []
+pika.data.encode_table(pieces, {"s": "x", "n": 7, "t": True, "f": {"l": [1]}, "none": None})
+print("decimal" in sys.modules)
+# Only pika.data ever saw the stand-in.
+stand_in = amqp_consumer.connection._DECIMAL_STAND_IN
+print([name for name, m in list(sys.modules.items()) if m is not None and vars(m).get("decimal") is stand_in])
+# A header of the decimal type, as a publisher's Decimal("1.25") arrives: 2 decimals, 125.
+value, _ = pika.data.decode_table(bytes.fromhex("00000008") + b"\\x01dD" + bytes.fromhex("020000007d"), 0)
+print(repr(value["d"]), "decimal" in sys.modules, pika.data.decimal is sys.modules["decimal"])
+pieces = []
+pika.data.encode_table(pieces, value)
+print(pika.data.decode_table(b"".join(pieces), 0)[0] == value)
+""")
+    assert out == ["False", "False", "['pika.data']", "Decimal('1.25')", "True", "True", "True"]
+
+
+def test_a_decimal_imported_first_is_pika_datas_own() -> None:
+    out = run("""
+import decimal
+import amqp_consumer.connection, pika.data
+pieces = []
+pika.data.encode_table(pieces, {"d": decimal.Decimal("-0.5")})
+print(pika.data.decimal is decimal, pika.data.decode_table(b"".join(pieces), 0)[0])
+""")
+    assert out == ["True", "{'d':", "Decimal('-0.5')}"]
+
+
+def test_a_decimal_a_callback_imports_later_is_encoded_as_one() -> None:
+    # The callback imports decimal after the daemon started, then publishes a Decimal header.
+    out = run("""
+import amqp_consumer.connection, pika.data
+import decimal
+pieces = []
+pika.data.encode_table(pieces, {"d": decimal.Decimal("3.14")})
+print(pika.data.decode_table(b"".join(pieces), 0)[0]["d"])
+""")
+    assert out == ["3.14"]

@@ -137,7 +137,8 @@ def record_properties(message) -> None:
         raw=message.raw_body.decode(),
         topic=message.topic,
         exchange=message.exchange,
-        headers=message.headers,
+        # A Decimal header (the AMQP decimal type) is recorded as its type and value.
+        headers={k: f"{type(v).__name__}({v})" if type(v).__name__ == "Decimal" else v for k, v in message.headers.items()},
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         content_type=message.content_type,
