@@ -145,16 +145,20 @@ _import_pika_bare()
 # is used as it is.
 
 
+def _real_decimal() -> types.ModuleType:
+    import decimal
+
+    pika.data.decimal = decimal
+    return decimal
+
+
 class _DecimalOnDemand(type):
     def __instancecheck__(cls, value: object) -> bool:
         real = sys.modules.get("decimal")
         return real is not None and real is not _DECIMAL_STAND_IN and isinstance(value, real.Decimal)
 
     def __call__(cls, *args: Any) -> Any:
-        import decimal
-
-        pika.data.decimal = decimal
-        return decimal.Decimal(*args)
+        return _real_decimal().Decimal(*args)
 
 
 class _Decimal(metaclass=_DecimalOnDemand):
@@ -163,9 +167,13 @@ class _Decimal(metaclass=_DecimalOnDemand):
 
 _DECIMAL_STAND_IN = types.ModuleType("decimal", "pika.data's decimal until one is needed (amqp_consumer.connection)")
 setattr(_DECIMAL_STAND_IN, "Decimal", _Decimal)
+# Anything else asked of it (nothing in pika 1.4) is the real module's.
+setattr(_DECIMAL_STAND_IN, "__getattr__", lambda name: getattr(_real_decimal(), name))
 
 
 def _import_pika_data_without_decimal() -> None:
+    # This runs when the daemon's assembly first imports this module, before any of its
+    # threads start: no other import can meet the stand-in in sys.modules meanwhile.
     if "decimal" in sys.modules or "pika.data" in sys.modules:
         return
     # What pika.data imports besides decimal, first: none of them may see the stand-in.

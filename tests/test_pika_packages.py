@@ -157,6 +157,15 @@ print(pika.data.decode_table(b"".join(pieces), 0)[0] == value)
     assert out == ["False", "False", "['pika.data']", "Decimal('1.25')", "True", "True", "True"]
 
 
+def test_whatever_else_is_asked_of_pika_datas_decimal_is_the_real_modules() -> None:
+    out = run("""
+import sys
+import amqp_consumer.connection, pika.data
+print("decimal" in sys.modules, pika.data.decimal.ROUND_HALF_EVEN, pika.data.decimal is sys.modules["decimal"])
+""")
+    assert out == ["False", "ROUND_HALF_EVEN", "True"]
+
+
 def test_a_decimal_imported_first_is_pika_datas_own() -> None:
     out = run("""
 import decimal

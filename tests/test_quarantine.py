@@ -3,6 +3,7 @@ its copy lands in the quarantine queue, and the callback does not run again beca
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import pika
@@ -117,7 +118,7 @@ def test_the_copy_keeps_every_property(tmp_path, broker: Broker, queue, out_file
     broker.channel().basic_publish("", queue, b'{"do": "raise"}', pika.BasicProperties(
         content_type="application/json", content_encoding="identity", message_id="m-1", correlation_id="c-1",
         reply_to="replies", priority=4, timestamp=1_700_000_000, type="order.created", app_id="shop",
-        user_id="guest", expiration="600000", delivery_mode=1, headers={"h": "v"}))
+        user_id="guest", expiration="600000", delivery_mode=1, headers={"h": "v", "price": Decimal("-12.34")}))
     d = start(tmp_path, broker, queue, out_file)
     daemons.append(d)
     wait_until(lambda: broker.depth(queue + ".quarantine") == 1, 20, what="quarantined")
@@ -127,4 +128,5 @@ def test_the_copy_keeps_every_property(tmp_path, broker: Broker, queue, out_file
     assert (p.priority, p.timestamp, p.type, p.app_id, p.user_id) == (4, 1_700_000_000, "order.created", "shop", "guest")
     assert p.expiration is None and p.headers["amqp-consumer-expiration"] == "600000"  # the copy never expires
     assert p.delivery_mode == 2 and p.headers["h"] == "v"
+    assert p.headers["price"] == Decimal("-12.34")  # the AMQP decimal type, decoded and sent again as one
     assert d.stop() == 0
