@@ -36,16 +36,18 @@ from urllib.parse import urlsplit
 # So pika, pika.adapters and io_services_utils go into sys.modules bare, holding only
 # what is used: the ``__path__`` a submodule import needs, pika's ``__version__``
 # (connection_workflow imports it, and the broker sees it) and check_callback_arg,
-# compiled alone from pika's own source, at its own lines. The first look-up of anything else they define (a callback's
-# ``pika.BlockingConnection``, say) runs the real module then. pika.data gets a stand-in
-# for decimal (below). A pika that is already imported (by a callback module) is left
-# alone, and so is one whose source does not read as expected: that gets the ordinary
-# import. tests/test_pika_packages.py checks all of it.
+# compiled alone from pika's own source, at its own lines. The first look-up of
+# anything else they define (a callback's ``pika.BlockingConnection``, say) runs the
+# real module then. pika.data gets a stand-in for decimal (below). A pika that is
+# already imported (by a callback module) is left alone, and so is one whose source
+# does not read as expected: that gets the ordinary import.
+# tests/test_pika_packages.py checks all of it.
 
 
 def _bare_module(spec: importlib.machinery.ModuleSpec, early: types.CodeType | None = None) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     name = spec.name
+    package = spec.submodule_search_locations is not None
     if early is not None:
         exec(early, module.__dict__)
     # Callback threads may ask at once: one runs the module, the others wait for it. pika's
@@ -55,10 +57,10 @@ def _bare_module(spec: importlib.machinery.ModuleSpec, early: types.CodeType | N
 
     def complete(attribute: str) -> Any:
         nonlocal began
-        if spec.submodule_search_locations is None and attribute == "__path__":
+        if not package and attribute == "__path__":
             # What `from module import name` asks first: running a module never makes it a package.
             raise AttributeError(f"module {name!r} has no attribute '__path__'")
-        if spec.submodule_search_locations is not None and attribute.isidentifier() and not attribute.startswith("__"):
+        if package and attribute.isidentifier() and not attribute.startswith("__"):
             try:  # pika's own `from pika import frame`: a submodule, no __init__ needed
                 return importlib.import_module(f"{name}.{attribute}")
             except ModuleNotFoundError as e:
@@ -127,8 +129,8 @@ def _import_pika_bare() -> None:
     io_spec = importlib.util.find_spec("pika.adapters.utils.io_services_utils")  # imports pika.adapters.utils
     early = _definition(io_spec, "check_callback_arg") if io_spec else None
     if io_spec is not None and early is not None:
-        io = sys.modules[io_spec.name] = _bare_module(io_spec, early)
-        setattr(sys.modules["pika.adapters.utils"], "io_services_utils", io)
+        bare_io = sys.modules[io_spec.name] = _bare_module(io_spec, early)
+        setattr(sys.modules["pika.adapters.utils"], "io_services_utils", bare_io)
 
 
 _import_pika_bare()

@@ -261,27 +261,22 @@ def test_each_failed_attempt_moves_to_the_next_url_and_wraps_around() -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "host"),
-    [("amqp://u:p@127.0.0.1:5673/%2F", "127.0.0.1"), ("amqp://u:p@[::1]:5673/%2F", "::1")],
+    ("url", "resolved", "connected_to"),
+    [
+        ("amqp://u:p@127.0.0.1:5673/%2F", [], [("127.0.0.1", 5673, 7.0)]),
+        ("amqp://u:p@[::1]:5673/%2F", [], [("::1", 5673, 7.0)]),
+        ("amqp://u:p@rabbit.example:5673/%2F", ["rabbit.example"], []),  # connected to once resolved
+    ],
 )
-def test_an_address_is_connected_to_as_it_is_without_the_resolvers_thread(url: str, host: str) -> None:
+def test_only_a_host_name_goes_through_the_resolver(url: str, resolved: list[str], connected_to: list[Any]) -> None:
+    """An address is connected to as it is: the resolver runs on a thread that would then stay."""
     reactor = MemoryReactorClock()
-    resolved: list[str] = []
-    reactor.nameResolver = SimpleNamespace(resolveHostName=lambda receiver, name, *a, **k: resolved.append(name))  # type: ignore[assignment]
+    names: list[str] = []
+    reactor.nameResolver = SimpleNamespace(resolveHostName=lambda receiver, name, *a, **k: names.append(name))  # type: ignore[assignment]
     connector = Connector(reactor, AMQPConfig(urls=(url,), connect_timeout=7.0), lambda s: None, lambda f: None, lambda e: None)
     connector.startService()
-    assert resolved == []
-    [(connected_to, port, _factory, timeout, _bind)] = reactor.tcpClients
-    assert (connected_to, port, timeout) == (host, 5673, 7.0)
-
-
-def test_a_host_name_goes_through_the_resolver() -> None:
-    reactor = MemoryReactorClock()
-    resolved: list[str] = []
-    reactor.nameResolver = SimpleNamespace(resolveHostName=lambda receiver, name, *a, **k: resolved.append(name))  # type: ignore[assignment]
-    connector = Connector(reactor, AMQPConfig(urls=("amqp://u:p@rabbit.example:5673/%2F",)), lambda s: None, lambda f: None, lambda e: None)
-    connector.startService()
-    assert resolved == ["rabbit.example"] and reactor.tcpClients == []
+    assert names == resolved
+    assert [(host, port, timeout) for host, port, _factory, timeout, _bind in reactor.tcpClients] == connected_to
 
 
 # --- a login the broker refuses ---------------------------------------------------------------
